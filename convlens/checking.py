@@ -1,0 +1,174 @@
+"""``convlens check``: a rule file's inline expects and the laws of DESIGN.md on generated data.
+
+For every rule, :mod:`convlens.compiler.samples` makes consistent tensors (filled with distinct
+arange values, so a wrong row shows), carried back to the program's input layout. Then:
+
+1. ``revert(apply(x)) == x`` bit for bit,
+2. ``apply(revert(y)) == y``,
+4. the plan made from names, shapes and dtypes equals what execution produces,
+6. every input tensor is used, and keys no rule matches pass through as the same object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from convlens.api import Conversion, metas_of
+from convlens.compiler import plan as P
+from convlens.compiler.planner import TensorMeta, plan
+from convlens.compiler.program import Program
+from convlens.compiler.samples import SampleError, sample_program
+from convlens.compiler.trace import trace_key
+from convlens.errors import ConversionError, ConvlensError, ExpectationError
+from convlens.runtime.dtypes import TORCH_DTYPES
+from convlens.runtime.execute import bit_equal, execute
+
+DISTRACTORS = ("zz_unmatched.t00.weight", "zz_unmatched.t01.bias")
+
+
+@dataclass
+class CheckReport:
+    name: str
+    path: str
+    expects: int = 0
+    seeds: int = 0
+    tensors: int = 0
+    errors: list[ConvlensError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        status = "ok" if self.ok else f"{len(self.errors)} error(s)"
+        return (f"{self.path}: {status}: {self.expects} expect(s), round trips on {self.seeds} "
+                f"generated state dict(s) "
+                f"({self.tensors} tensors)")
+
+
+def make_tensor(meta: TensorMeta, fill: int) -> torch.Tensor:
+    """Distinct values per tensor and per element (exact in float32 up to 2**24)."""
+    n = 1
+    for d in meta.shape:
+        n *= d
+    base = torch.arange(n, dtype=torch.float64) + (fill % 4096) * 4096
+    dtype = TORCH_DTYPES[meta.dtype]
+    return base.reshape(meta.shape).to(dtype)
+
+
+def check_expectations(program: Program) -> list[ConvlensError]:
+    """Every ``expect "a" -> "b"``: a maps to b forward, and b maps back to a."""
+    errors: list[ConvlensError] = []
+    inverse = program.inverse()
+    for exp in program.expects:
+        fwd = trace_key(program, exp.src)
+        back = trace_key(inverse, exp.dst)
+        problems = []
+        if fwd.note or not fwd.reaches(exp.dst):
+            note = f" ({fwd.note})" if fwd.note else ""
+            problems.append(f"forward gives {_list(fwd.results)}{note}")
+        if back.note or not back.reaches(exp.src):
+            problems.append(f"the inverse gives {_list(back.results)} for {exp.dst!r}"
+                            + (f" ({back.note})" if back.note else ""))
+        if problems:
+            errors.append(ExpectationError(
+                f"expect {exp.src!r} -> {exp.dst!r} fails: " + "; ".join(problems),
+                span=exp.span))
+    return errors
+
+
+def _list(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    return ", ".join(repr(k) for k in keys) if keys else "nothing (dropped)"
+
+
+def _run(program: Program, tensors: dict[str, torch.Tensor], config: Mapping[str, Any]
+         ) -> dict[str, torch.Tensor]:
+    p = plan(program, metas_of(tensors), config)
+    return execute(p, tensors)
+
+
+def generate_state_dict(program: Program, seed: int) -> tuple[dict[str, torch.Tensor],
+                                                               dict[str, Any]]:
+    """A state dict in the program's input layout that exercises every rule, and its config."""
+    samples, config = sample_program(program, seed)
+    out: dict[str, torch.Tensor] = {}
+    for sample in samples:
+        tensors = {k: make_tensor(m, sample.fills[k]) for k, m in sample.metas.items()}
+        if sample.prelude:
+            pre = Program(program.name, program.path, (), (), tuple(sample.prelude))
+            try:
+                tensors = _run(pre, tensors, config)
+            except ConversionError as exc:
+                raise SampleError(f"{sample.rule.ref.label}: generated data does not pass the "
+                                  f"earlier rules: {exc}") from exc
+        for k, t in tensors.items():
+            out.setdefault(k, t)
+    for i, key in enumerate(DISTRACTORS):
+        out[key] = make_tensor(TensorMeta((3,) if key.endswith("bias") else (3, 2), "F32"),
+                               4000 + i)
+    return out, config
+
+
+def check_laws(conversion: Conversion, x: dict[str, torch.Tensor], config: Mapping[str, Any]
+               ) -> None:
+    """Raise ConversionError if a law fails on ``x``."""
+    p = conversion.plan(metas_of(x), config, direction="apply")
+    y = execute(p, x)
+    # law 4: the plan from headers equals what execution produced
+    for key, node in p.outputs.items():
+        t = y[key]
+        if tuple(t.shape) != node.shape or TORCH_DTYPES[node.dtype] != t.dtype:
+            raise ConversionError(f"law 4: plan says {node.dtype}{list(node.shape)}, execution "
+                                  f"gave {t.dtype}{list(t.shape)}", key=key)
+    # law 6: accounting
+    used = {leaf.key for node in p.outputs.values() for leaf in P.leaves(node)}
+    unused = [k for k in x if k not in used]
+    if unused:
+        raise ConversionError(f"law 6: input tensors not used: {unused[:5]}", key=unused[0])
+    for key in DISTRACTORS:
+        if key in x and y.get(key) is not x[key]:
+            raise ConversionError("law 6: a key no rule matches must pass through unchanged",
+                                  key=key)
+    # law 1: revert(apply(x)) == x
+    back = conversion.revert(y, config)
+    _same_dicts("law 1: revert(apply(x)) != x", back, x)
+    # law 2: apply(revert(y)) == y
+    again = conversion.apply(back, config)
+    _same_dicts("law 2: apply(revert(y)) != y", again, y)
+
+
+def _same_dicts(what: str, got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]
+                ) -> None:
+    if set(got) != set(want):
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        raise ConversionError(f"{what}: keys differ (missing {missing[:3]}, extra {extra[:3]})")
+    for k in want:
+        if not bit_equal(got[k], want[k]):
+            raise ConversionError(f"{what}: values differ", key=k)
+
+
+def check_program(program: Program, seeds: Iterable[int] = range(3)) -> CheckReport:
+    report = CheckReport(program.name, program.path)
+    report.errors += check_expectations(program)
+    report.expects = len(program.expects)
+    conversion = Conversion(program)
+    for seed in seeds:
+        try:
+            x, config = generate_state_dict(program, seed)
+            check_laws(conversion, x, config)
+        except SampleError as exc:
+            report.errors.append(ConversionError(f"seed {seed}: cannot generate data: {exc}"))
+            break
+        except ConvlensError as exc:
+            exc.message = f"seed {seed}: {exc.message}"
+            report.errors.append(exc)
+            break
+        report.seeds += 1
+        report.tensors += len(x)
+    return report

@@ -1,0 +1,200 @@
+"""The ``convlens`` command line: one subcommand per stage.
+
+    convlens check FILE...              parse, compile, static checks, expects, round trips
+    convlens explain --rules R KEY      which rule maps KEY, its derived inverse, the result
+    convlens fmt FILE... [--write|--check]
+    convlens parse FILE                 the AST outline
+    convlens plan --rules R SAFETENSORS [--revert]   the plan listing for a checkpoint file
+    convlens rules                      the shipped conversions
+
+Exit codes: 0 ok, 1 rule or conversion error, 2 usage. Errors print ``file:line:col``, the source
+line and a caret, without a traceback unless ``-v``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from convlens.errors import ConvlensError
+
+
+def _load(rules: str) -> object:
+    from convlens.api import load_rules
+
+    return load_rules(rules)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from convlens.api import load_rules
+    from convlens.checking import check_program
+
+    failed = 0
+    for name in args.files:
+        try:
+            conversion = load_rules(name)
+        except ConvlensError as exc:
+            print(exc, file=sys.stderr)
+            failed += 1
+            continue
+        report = check_program(conversion.program, range(args.seeds))
+        print(report.summary())
+        for err in report.errors:
+            print(err, file=sys.stderr)
+        failed += not report.ok
+    return 1 if failed else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from convlens.api import load_rules
+    from convlens.compiler.trace import trace_key
+
+    conversion = load_rules(args.rules)
+    shown = False
+    for direction, program in (("apply", conversion.program),
+                               ("revert", conversion.inverse_program)):
+        trace = trace_key(program, args.key)
+        if not trace.steps:
+            continue
+        shown = True
+        print(f"{direction} ({conversion.name}): {args.key}")
+        for step in trace.steps:
+            rule = step.rule
+            print(f"  {rule.ref.label}")
+            print(f"    rule:    {rule.describe()}")
+            print(f"    inverse: {rule.inverse().describe()}")
+            caps = ", ".join(f"{k}={v!r}" for k, v in sorted(step.captures.items()))
+            print(f"    captures: {caps or '-'}" + (f"; role: {step.role}" if step.role else ""))
+            print(f"    {step.before} -> {', '.join(step.after) or '(dropped)'}")
+        print(f"  result: {', '.join(trace.results)}" + (f" ({trace.note})" if trace.note else ""))
+        if not trace.concrete:
+            print("  ({e}-style placeholders stand for every index of the unstacked axis)")
+    if not shown:
+        print(f"{args.key}: no rule of {conversion.name} matches it in either direction; it "
+              "passes through unchanged")
+    return 0
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    from convlens.dsl.formatter import format_conversion
+    from convlens.dsl.parser import parse_file
+
+    changed = 0
+    for name in args.files:
+        path = Path(name)
+        text = format_conversion(parse_file(path))
+        if args.write:
+            if path.read_text(encoding="utf-8") != text:
+                tmp = path.with_name(path.name + ".convlens-tmp")
+                tmp.write_text(text, encoding="utf-8")
+                tmp.replace(path)
+                print(f"formatted {path}")
+        elif args.check:
+            if path.read_text(encoding="utf-8") != text:
+                print(f"{path}: not formatted", file=sys.stderr)
+                changed += 1
+        else:
+            sys.stdout.write(text)
+    return 1 if changed else 0
+
+
+def cmd_parse(args: argparse.Namespace) -> int:
+    from convlens.dsl.outline import outline
+    from convlens.dsl.parser import parse_file
+
+    sys.stdout.write(outline(parse_file(args.file)))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from safetensors import safe_open
+
+    from convlens.api import load_rules
+    from convlens.compiler.planner import TensorMeta
+
+    conversion = load_rules(args.rules)
+    metas = {}
+    with safe_open(args.file, framework="pt") as f:
+        for key in f:
+            sl = f.get_slice(key)
+            metas[key] = TensorMeta(tuple(sl.get_shape()), sl.get_dtype())
+    config = json.loads(Path(args.config).read_text()) if args.config else None
+    p = conversion.plan(metas, config, direction="revert" if args.revert else "apply",
+                        strict=args.strict)
+    sys.stdout.write(p.listing())
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from convlens.api import load_rules, shipped_rules
+
+    for name in sorted(shipped_rules()):
+        conv = load_rules(name)
+        serves = ", ".join(conv.model_types + conv.architectures)
+        print(f"{name:20} {len(conv.program.rules):3} rules  {serves}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convlens", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="check rule files: compile, expects, round trips")
+    p.add_argument("files", nargs="+", help="rule files or shipped names")
+    p.add_argument("--seeds", type=int, default=3, help="generated state dicts per file")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("explain", help="which rule maps a key, and its inverse")
+    p.add_argument("--rules", required=True, help="a shipped name or a .conv file")
+    p.add_argument("key")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("fmt", help="print rule files in canonical form")
+    p.add_argument("files", nargs="+")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write", action="store_true", help="rewrite the files in place")
+    g.add_argument("--check", action="store_true", help="exit 1 if a file is not formatted")
+    p.set_defaults(func=cmd_fmt)
+
+    p = sub.add_parser("parse", help="print the AST outline of a rule file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_parse)
+
+    p = sub.add_parser("plan", help="print the plan for a safetensors file")
+    p.add_argument("--rules", required=True)
+    p.add_argument("--config", help="config.json for size expressions")
+    p.add_argument("--revert", action="store_true", help="plan the inverse")
+    p.add_argument("--strict", action="store_true", help="fail on keys no rule matches")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("rules", help="list the shipped conversions")
+    p.set_defaults(func=cmd_rules)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ConvlensError as exc:
+        if args.verbose:
+            raise
+        print(f"convlens: {exc}" if exc.span is None else str(exc), file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        if args.verbose:
+            raise
+        print(f"convlens: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""How an endpoint names the tensors of a stem.
+
+- ``module``: ``{stem}.weight``, ``{stem}.bias``, ``{stem}.weight_scale`` (nn.Module parameters);
+- ``param``:  the weight is ``{stem}`` itself, the others ``{stem}_{role}`` (3-D expert parameters
+  in transformers and ModelOpt: ``experts.gate_up_proj``, ``experts.gate_up_proj_weight_scale``);
+- ``flat``:   ``{stem}_weight``, ``{stem}_weight_scale`` (vLLM's ``w13_weight``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+NamingKind = Literal["module", "param", "flat"]
+NAMINGS: tuple[NamingKind, ...] = ("module", "param", "flat")
+
+# Role names that may follow a stem with "_" (suffix siblings). A stem owns "stem_ROLE" only for
+# these, so that a stem "gate_up" never swallows "gate_up_proj". Scheme files add their roles.
+SUFFIX_ROLES: frozenset[str] = frozenset({
+    "weight", "bias",
+    "weight_scale", "weight_scale_2", "weight_scale_inv", "scale_inv", "input_scale",
+    "weight_packed", "weight_shape", "weight_zero_point", "weight_global_scale",
+    "input_global_scale", "weight_g_idx", "pre_quant_scale", "activation_scale",
+    "k_scale", "v_scale", "blocks", "scales", "qweight", "qzeros", "g_idx",
+})
+
+
+def role_of(tail: str, naming: NamingKind) -> str | None:
+    """The role a key plays in its stem, from what follows the stem; None if the naming has no
+    place for it."""
+    if naming == "module":
+        return tail[1:] if tail.startswith(".") and len(tail) > 1 else None
+    if naming == "param":
+        if tail == "":
+            return "weight"
+        return tail[1:] if tail.startswith("_") else None
+    if tail.startswith("_"):
+        return tail[1:]
+    return None
+
+
+def key_for(stem: str, role: str, naming: NamingKind) -> str:
+    """The key of ``role`` in ``stem`` under ``naming`` (the inverse of :func:`role_of`)."""
+    if naming == "module":
+        return f"{stem}.{role}"
+    if naming == "param" and role == "weight":
+        return stem
+    return f"{stem}_{role}"

@@ -1,0 +1,868 @@
+"""The closed set of tensor ops, their inverses (one table) and their lifting to roles (one table).
+
+An op works on *streams*: the values flowing through a tensor rule. A fuse starts with one stream
+per source pattern, each a family of stems indexed by the captures still to be stacked; a split
+ends with one stream per destination pattern. Every op is written once against the logical tensor
+and lifted to every role of the stem's scheme through :data:`LIFT`, keyed by (op, relation of the
+role to the axis the op acts on).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+from convlens.compiler import plan as P
+from convlens.compiler.layout import RELATIONS, Relation, Scheme
+from convlens.dsl import ast
+from convlens.errors import ConversionError, RuleError, Span
+
+# --- values flowing through a rule ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoleValue:
+    node: P.Node
+    axes: tuple[str, ...]  # the logical axis each physical dim carries
+
+
+@dataclass(frozen=True)
+class StemValue:
+    scheme: Scheme
+    axes: tuple[str, ...]  # logical axes of the stem's weight
+    shape: P.Shape  # logical shape
+    roles: Mapping[str, RoleValue]
+    keys: tuple[str, ...]  # input keys, for messages
+
+
+@dataclass
+class Stream:
+    label: str
+    captures: tuple[str, ...]  # family captures, in index order
+    members: dict[tuple[int, ...], StemValue]
+
+    def single(self, ctx: OpContext, op: str) -> StemValue:
+        if self.captures:
+            raise ctx.fail(f"{op} needs one tensor per part, but {self.label!r} is still a family "
+                           f"over {{{', '.join(self.captures)}}}; stack it first")
+        return self.members[()]
+
+
+class OpContext:
+    """What an op needs while planning one group: config, the rule (for errors), node origin."""
+
+    def __init__(self, origin: int, label: str, span: Span | None, config: Mapping[str, Any],
+                 group: str) -> None:
+        self.origin = origin
+        self.label = label
+        self.span = span
+        self.config = config
+        self.group = group
+
+    def fail(self, message: str, *, role: str | None = None,
+             key: str | None = None) -> ConversionError:
+        return ConversionError(f"{message} (group {self.group})", span=self.span, rule=self.label,
+                               role=role, key=key)
+
+    def eval(self, expr: ast.Expr) -> int:
+        return eval_expr(expr, self.config, self)
+
+
+def eval_expr(expr: ast.Expr, config: Mapping[str, Any], ctx: OpContext | None = None) -> int:
+    def fail(msg: str) -> ConvlensErrorT:
+        if ctx is not None:
+            return ctx.fail(msg)
+        return ConversionError(msg, span=getattr(expr, "span", None))
+
+    if isinstance(expr, ast.Int):
+        return expr.value
+    if isinstance(expr, ast.Ref):
+        if expr.path[0] != "config" or len(expr.path) < 2:
+            raise fail(f"{'.'.join(expr.path)!r}: sizes are expressions over config.<field>")
+        value: Any = config
+        for i, part in enumerate(expr.path[1:], start=1):
+            if not isinstance(value, Mapping) or part not in value:
+                where = ".".join(expr.path[:i])
+                from convlens.errors import did_you_mean
+
+                choices = list(value) if isinstance(value, Mapping) else []
+                hint = did_you_mean(part, choices)
+                raise fail(f"config has no field {'.'.join(expr.path)!r} ({where} has no {part!r}"
+                           + (f"; {hint}" if hint else "") + ")")
+            value = value[part]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"{'.'.join(expr.path)} is {value!r}, not an integer")
+        return value
+    assert isinstance(expr, ast.BinOp)
+    a = eval_expr(expr.left, config, ctx)
+    b = eval_expr(expr.right, config, ctx)
+    if expr.op == "+":
+        return a + b
+    if expr.op == "-":
+        return a - b
+    if expr.op == "*":
+        return a * b
+    if b == 0:
+        raise fail("division by zero in a size expression")
+    return a // b
+
+
+ConvlensErrorT = ConversionError
+
+
+# --- node builders (shapes computed here, once) -------------------------------------------------
+
+
+def n_stack(args: list[P.Node], dim: int, origin: int) -> P.Node:
+    s = args[0].shape
+    return P.Stack(tuple(args), dim, s[:dim] + (len(args),) + s[dim:], args[0].dtype, origin)
+
+
+def n_cat(args: list[P.Node], dim: int, origin: int) -> P.Node:
+    if len(args) == 1:
+        return args[0]
+    s = args[0].shape
+    total = sum(a.shape[dim] for a in args)
+    return P.Cat(tuple(args), dim, s[:dim] + (total,) + s[dim + 1:], args[0].dtype, origin)
+
+
+def n_slice(arg: P.Node, dim: int, start: int, stop: int, step: int, origin: int) -> P.Node:
+    if start == 0 and stop == arg.shape[dim] and step == 1:
+        return arg
+    length = len(range(start, stop, step))
+    s = arg.shape
+    shape = s[:dim] + (length,) + s[dim + 1:]
+    return P.Slice(arg, dim, start, stop, step, shape, arg.dtype, origin)
+
+
+def n_select(arg: P.Node, dim: int, index: int, origin: int) -> P.Node:
+    s = arg.shape
+    return P.Select(arg, dim, index, s[:dim] + s[dim + 1:], arg.dtype, origin)
+
+
+def n_permute(arg: P.Node, dims: tuple[int, ...], origin: int) -> P.Node:
+    if dims == tuple(range(len(dims))):
+        return arg
+    return P.Permute(arg, dims, tuple(arg.shape[d] for d in dims), arg.dtype, origin)
+
+
+def n_reshape(arg: P.Node, shape: P.Shape, origin: int) -> P.Node:
+    if shape == arg.shape:
+        return arg
+    assert math.prod(shape) == math.prod(arg.shape)
+    return P.Reshape(arg, shape, arg.dtype, origin)
+
+
+def n_same(args: list[P.Node], origin: int) -> P.Node:
+    unique: list[P.Node] = []
+    for a in args:
+        if not any(a is u or a == u for u in unique):
+            unique.append(a)
+    if len(unique) == 1:
+        return unique[0]
+    return P.Same(tuple(unique), unique[0].shape, unique[0].dtype, origin)
+
+
+# --- the ops ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base of the closed op set. ``on`` restricts a per-tensor op to some streams."""
+
+    name: ClassVar[str]
+    per_tensor: ClassVar[bool] = False
+    on: tuple[int, ...] | None = field(default=None, kw_only=True)
+    span: Span | None = field(default=None, compare=False, kw_only=True)
+
+    def simulate(self, families: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        """Stream families after this op, at compile time; raises ValueError with a reason."""
+        return families
+
+    def apply(self, streams: list[Stream], ctx: OpContext) -> list[Stream]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name}({', '.join(self._args())})" + (
+            f" on {list(self.on)}" if self.on is not None else "")
+
+    def _args(self) -> list[str]:
+        return []
+
+
+def _fmt(e: ast.Expr) -> str:
+    from convlens.dsl.formatter import format_expr
+
+    return format_expr(e)
+
+
+def _sizes(ctx: OpContext, sizes: tuple[ast.Expr, ...]) -> list[int]:
+    values = [ctx.eval(s) for s in sizes]
+    for expr, v in zip(sizes, values, strict=True):
+        if v <= 0:
+            raise ctx.fail(f"size {_fmt(expr)} is {v}; sizes must be positive")
+    return values
+
+
+def _check_dim(ctx: OpContext, op: Op, dim: int, rank: int, extra: int = 0) -> None:
+    if not 0 <= dim < rank + extra:
+        raise ctx.fail(f"{op.describe()}: dim {dim} is out of range for a {rank}-d tensor")
+
+
+def _roles_alike(ctx: OpContext, values: list[StemValue], what: str) -> None:
+    first = values[0]
+    for v in values[1:]:
+        if set(v.roles) != set(first.roles):
+            raise ctx.fail(f"{what}: parts have different tensors: {sorted(first.roles)} "
+                           f"({first.keys[0]}) vs {sorted(v.roles)} ({v.keys[0]})")
+        if v.scheme != first.scheme:
+            raise ctx.fail(f"{what}: parts have different schemes: {first.scheme.name} "
+                           f"({first.keys[0]}) vs {v.scheme.name} ({v.keys[0]})")
+        if v.axes != first.axes:
+            raise ctx.fail(f"{what}: parts have different axes {first.axes} vs {v.axes}")
+        for role, rv in v.roles.items():
+            if rv.node.dtype != first.roles[role].node.dtype:
+                raise ctx.fail(f"{what}: {role} dtypes differ: {first.roles[role].node.dtype} "
+                               f"vs {rv.node.dtype}", role=role, key=v.keys[0])
+
+
+def _relation(value: StemValue, role: str, axis: str) -> Relation:
+    layout = value.scheme.roles[role]
+    return layout.relation(axis, value.roles[role].axes)
+
+
+def _lift(op: Op, parts: list[StemValue], role: str, axis: str, ctx: OpContext,
+          **kw: Any) -> list[RoleValue]:
+    relation = _relation(parts[0], role, axis)
+    fn = LIFT.get((type(op), relation))
+    if fn is None:  # pragma: no cover - the completeness test forbids this
+        raise ctx.fail(f"no lifting of {op.name} for a {relation} role", role=role)
+    return fn(op, [p.roles[role] for p in parts], axis, ctx, **kw)
+
+
+def _rebuild(template: StemValue, axes: tuple[str, ...], shape: P.Shape,
+             roles: dict[str, RoleValue], keys: tuple[str, ...]) -> StemValue:
+    return StemValue(template.scheme, axes, shape, roles, keys)
+
+
+@dataclass(frozen=True)
+class Stack(Op):
+    """Stack a family over an integer capture at ``dim``; expert ``e`` lands at index ``e``."""
+
+    name: ClassVar[str] = "stack"
+    capture: str
+    dim: int
+
+    def _args(self) -> list[str]:
+        return [self.capture, str(self.dim)]
+
+    def simulate(self, families: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        for fam in families:
+            if self.capture not in fam:
+                raise ValueError(f"stack({self.capture}, ...): no part is a family over "
+                                 f"{{{self.capture}}} at this point")
+        return [tuple(c for c in fam if c != self.capture) for fam in families]
+
+    def apply(self, streams: list[Stream], ctx: OpContext) -> list[Stream]:
+        out = []
+        for st in streams:
+            ci = st.captures.index(self.capture)
+            rest = st.captures[:ci] + st.captures[ci + 1:]
+            groups: dict[tuple[int, ...], dict[int, StemValue]] = {}
+            for idx, v in st.members.items():
+                groups.setdefault(idx[:ci] + idx[ci + 1:], {})[idx[ci]] = v
+            members: dict[tuple[int, ...], StemValue] = {}
+            for rkey, by_index in groups.items():
+                count = max(by_index) + 1
+                missing = [i for i in range(count) if i not in by_index]
+                if missing:
+                    raise ctx.fail(
+                        f"stack({self.capture}): {st.label!r} has {self.capture} = "
+                        f"{_ranges(sorted(by_index))} but not {_ranges(missing)}; indices must be "
+                        f"exactly 0..{count - 1}")
+                parts = [by_index[i] for i in range(count)]
+                members[rkey] = self._stack(parts, ctx)
+            out.append(Stream(st.label, rest, members))
+        # Parts stacked side by side (gate and up experts) must agree on the count.
+        counts = {len(s.members) and next(iter(s.members.values())).shape[self.dim] for s in out}
+        if len(counts) > 1:
+            detail = ", ".join(f"{s.label!r}: {next(iter(s.members.values())).shape[self.dim]}"
+                               for s in out)
+            raise ctx.fail(f"stack({self.capture}): parts have different counts ({detail})")
+        return out
+
+    def _stack(self, parts: list[StemValue], ctx: OpContext) -> StemValue:
+        first = parts[0]
+        _check_dim(ctx, self, self.dim, len(first.axes), extra=1)
+        _roles_alike(ctx, parts, f"stack({self.capture})")
+        for i, p in enumerate(parts):
+            if p.shape != first.shape:
+                raise ctx.fail(f"stack({self.capture}): {self.capture}={i} has shape "
+                               f"{list(p.shape)} but {self.capture}=0 has {list(first.shape)}",
+                               key=p.keys[0])
+        axes = first.axes[: self.dim] + (self.capture,) + first.axes[self.dim:]
+        shape = first.shape[: self.dim] + (len(parts),) + first.shape[self.dim:]
+        roles = {}
+        for role in first.roles:
+            layout = first.scheme.roles[role]
+            new_axes = layout.axes_for(axes)
+            roles[role] = _lift(self, parts, role, self.capture, ctx, new_axes=new_axes)[0]
+        return _rebuild(first, axes, shape, roles, tuple(k for p in parts for k in p.keys))
+
+
+@dataclass(frozen=True)
+class Unstack(Op):
+    """Split ``dim`` into one tensor per index; the index becomes the capture's value."""
+
+    name: ClassVar[str] = "unstack"
+    capture: str
+    dim: int
+
+    def _args(self) -> list[str]:
+        return [self.capture, str(self.dim)]
+
+    def simulate(self, families: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        for fam in families:
+            if self.capture in fam:
+                raise ValueError(f"unstack({self.capture}, ...): {{{self.capture}}} is already "
+                                 "a family capture")
+        return [(*fam, self.capture) for fam in families]
+
+    def apply(self, streams: list[Stream], ctx: OpContext) -> list[Stream]:
+        out = []
+        for st in streams:
+            members: dict[tuple[int, ...], StemValue] = {}
+            for idx, v in st.members.items():
+                _check_dim(ctx, self, self.dim, len(v.axes))
+                axis = v.axes[self.dim]
+                count = v.shape[self.dim]
+                axes = v.axes[: self.dim] + v.axes[self.dim + 1:]
+                shape = v.shape[: self.dim] + v.shape[self.dim + 1:]
+                per_role = {role: _lift(self, [v], role, axis, ctx, count=count)
+                            for role in v.roles}
+                for i in range(count):
+                    roles = {role: vals[i] for role, vals in per_role.items()}
+                    members[(*idx, i)] = _rebuild(v, axes, shape, roles, v.keys)
+            out.append(Stream(st.label, (*st.captures, self.capture), members))
+        return out
+
+
+@dataclass(frozen=True)
+class Concat(Op):
+    """Concatenate all parts along ``dim``: equal parts, or parts of the given sizes."""
+
+    name: ClassVar[str] = "concat"
+    dim: int
+    sizes: tuple[ast.Expr, ...] | None = None
+    parts: int = 0  # filled by the compiler: how many streams arrive
+
+    def _args(self) -> list[str]:
+        args = [str(self.dim)]
+        if self.sizes is not None:
+            args.append("sizes=[" + ", ".join(_fmt(s) for s in self.sizes) + "]")
+        return args
+
+    def simulate(self, families: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        for fam in families:
+            if fam:
+                raise ValueError(f"concat: parts are still families over {{{', '.join(fam)}}}; "
+                                 "stack them first")
+        if self.sizes is not None and len(self.sizes) != len(families):
+            raise ValueError(f"concat: {len(self.sizes)} sizes for {len(families)} parts")
+        return [()]
+
+    def apply(self, streams: list[Stream], ctx: OpContext) -> list[Stream]:
+        parts = [s.single(ctx, "concat") for s in streams]
+        first = parts[0]
+        _check_dim(ctx, self, self.dim, len(first.axes))
+        _roles_alike(ctx, parts, "concat")
+        axis = first.axes[self.dim]
+        for p in parts[1:]:
+            other = [i for i in range(len(first.shape)) if i != self.dim]
+            if [p.shape[i] for i in other] != [first.shape[i] for i in other]:
+                raise ctx.fail(f"concat({self.dim}): parts differ outside dim {self.dim}: "
+                               f"{list(first.shape)} vs {list(p.shape)}", key=p.keys[0])
+        widths = [p.shape[self.dim] for p in parts]
+        if self.sizes is None:
+            if len(set(widths)) > 1:
+                detail = ", ".join(f"{s.label}: {w}" for s, w in zip(streams, widths, strict=True))
+                raise ctx.fail(
+                    f"concat({self.dim}) of unequal parts ({detail}) without sizes: the inverse "
+                    "could not tell where to split; give sizes=[...] from config")
+        else:
+            want = _sizes(ctx, self.sizes)
+            if want != widths:
+                raise ctx.fail(f"concat({self.dim}): parts have sizes {widths} along dim "
+                               f"{self.dim}, the rule says {want}")
+        shape = first.shape[: self.dim] + (sum(widths),) + first.shape[self.dim + 1:]
+        roles = {role: _lift(self, parts, role, axis, ctx, widths=widths)[0]
+                 for role in first.roles}
+        value = _rebuild(first, first.axes, shape, roles, tuple(k for p in parts for k in p.keys))
+        return [Stream("+".join(s.label for s in streams), (), {(): value})]
+
+
+@dataclass(frozen=True)
+class Split(Op):
+    """Split one tensor along ``dim`` into equal parts, or parts of the given sizes. Never
+    uneven by accident: an equal split that does not divide is an error (not torch.chunk)."""
+
+    name: ClassVar[str] = "split"
+    dim: int
+    sizes: tuple[ast.Expr, ...] | None = None
+    parts: int = 0
+
+    def _args(self) -> list[str]:
+        args = [str(self.dim)]
+        if self.sizes is not None:
+            args.append("sizes=[" + ", ".join(_fmt(s) for s in self.sizes) + "]")
+        else:
+            args.append(f"parts={self.parts}")
+        return args
+
+    def simulate(self, families: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        if len(families) != 1:
+            raise ValueError(f"split takes one tensor, but {len(families)} parts arrive")
+        if families[0]:
+            raise ValueError("split: the tensor is a family; unstack after splitting")
+        return [()] * self.parts
+
+    def apply(self, streams: list[Stream], ctx: OpContext) -> list[Stream]:
+        v = streams[0].single(ctx, "split")
+        _check_dim(ctx, self, self.dim, len(v.axes))
+        total = v.shape[self.dim]
+        if self.sizes is not None:
+            widths = _sizes(ctx, self.sizes)
+            if sum(widths) != total:
+                raise ctx.fail(f"split({self.dim}): sizes {widths} add up to {sum(widths)} but "
+                               f"dim {self.dim} has {total}", key=v.keys[0])
+        else:
+            if total % self.parts:
+                raise ctx.fail(f"split({self.dim}) into {self.parts} equal parts: dim {self.dim} "
+                               f"has {total}, not a multiple of {self.parts}", key=v.keys[0])
+            widths = [total // self.parts] * self.parts
+        axis = v.axes[self.dim]
+        per_role = {role: _lift(self, [v], role, axis, ctx, widths=widths) for role in v.roles}
+        out = []
+        for i, w in enumerate(widths):
+            shape = v.shape[: self.dim] + (w,) + v.shape[self.dim + 1:]
+            roles = {role: vals[i] for role, vals in per_role.items()}
+            out.append(Stream(f"part {i}", (), {(): _rebuild(v, v.axes, shape, roles, v.keys)}))
+        return out
+
+
+@dataclass(frozen=True)
+class Interleave(Op):
+    """Merge k equal parts row by row along ``dim``: part0[0], part1[0], part0[1], ..."""
+
+    name: ClassVar[str] = "interleave"
+    dim: int
+    parts: int = 0
+
+    def _args(self) -> list[str]:
+        return [str(self.dim)]
+
+    def simulate(self, families: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        if any(families):
+            raise ValueError("interleave: parts are still families; stack them first")
+        return [()]
+
+    def apply(self, streams: list[Stream], ctx: OpContext) -> list[Stream]:
+        parts = [s.single(ctx, "interleave") for s in streams]
+        first = parts[0]
+        _check_dim(ctx, self, self.dim, len(first.axes))
+        _roles_alike(ctx, parts, "interleave")
+        for p in parts[1:]:
+            if p.shape != first.shape:
+                raise ctx.fail(f"interleave({self.dim}): parts must have equal shapes: "
+                               f"{list(first.shape)} vs {list(p.shape)}", key=p.keys[0])
+        axis = first.axes[self.dim]
+        shape = (first.shape[: self.dim] + (first.shape[self.dim] * len(parts),)
+                 + first.shape[self.dim + 1:])
+        roles = {role: _lift(self, parts, role, axis, ctx)[0] for role in first.roles}
+        value = _rebuild(first, first.axes, shape, roles, tuple(k for p in parts for k in p.keys))
+        return [Stream("~".join(s.label for s in streams), (), {(): value})]
+
+
+@dataclass(frozen=True)
+class Deinterleave(Op):
+    """Take every k-th row along ``dim`` into part j (rows j, j+k, j+2k, ...)."""
+
+    name: ClassVar[str] = "deinterleave"
+    dim: int
+    parts: int = 0
+
+    def _args(self) -> list[str]:
+        return [str(self.dim), f"parts={self.parts}"]
+
+    def simulate(self, families: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        if len(families) != 1 or families[0]:
+            raise ValueError("deinterleave takes one tensor")
+        return [()] * self.parts
+
+    def apply(self, streams: list[Stream], ctx: OpContext) -> list[Stream]:
+        v = streams[0].single(ctx, "deinterleave")
+        _check_dim(ctx, self, self.dim, len(v.axes))
+        total = v.shape[self.dim]
+        if total % self.parts:
+            raise ctx.fail(f"deinterleave({self.dim}) into {self.parts}: dim {self.dim} has "
+                           f"{total}, not a multiple of {self.parts}", key=v.keys[0])
+        axis = v.axes[self.dim]
+        per_role = {role: _lift(self, [v], role, axis, ctx) for role in v.roles}
+        shape = v.shape[: self.dim] + (total // self.parts,) + v.shape[self.dim + 1:]
+        return [Stream(f"part {j}", (), {(): _rebuild(
+            v, v.axes, shape, {r: vals[j] for r, vals in per_role.items()}, v.keys)})
+            for j in range(self.parts)]
+
+
+class _PerTensor(Op):
+    per_tensor: ClassVar[bool] = True
+
+    def apply(self, streams: list[Stream], ctx: OpContext) -> list[Stream]:
+        out = []
+        for i, st in enumerate(streams):
+            if self.on is not None and i not in self.on:
+                out.append(st)
+                continue
+            members = {idx: self.one(v, ctx) for idx, v in st.members.items()}
+            out.append(Stream(st.label, st.captures, members))
+        return out
+
+    def simulate(self, families: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+        if self.on is not None:
+            bad = [i for i in self.on if not 0 <= i < len(families)]
+            if bad:
+                raise ValueError(f"{self.name}: 'on' names part {bad[0]} but there are "
+                                 f"{len(families)} parts here")
+        return families
+
+    def one(self, v: StemValue, ctx: OpContext) -> StemValue:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Transpose(_PerTensor):
+    """Swap two logical axes. Every role keeps its axes in the logical order."""
+
+    name: ClassVar[str] = "transpose"
+    dim0: int
+    dim1: int
+
+    def _args(self) -> list[str]:
+        return [str(self.dim0), str(self.dim1)]
+
+    def one(self, v: StemValue, ctx: OpContext) -> StemValue:
+        _check_dim(ctx, self, self.dim0, len(v.axes))
+        _check_dim(ctx, self, self.dim1, len(v.axes))
+        order = list(range(len(v.axes)))
+        order[self.dim0], order[self.dim1] = order[self.dim1], order[self.dim0]
+        axes = tuple(v.axes[i] for i in order)
+        shape = tuple(v.shape[i] for i in order)
+        roles = {}
+        for role in v.roles:
+            new_axes = v.scheme.roles[role].axes_for(axes)
+            roles[role] = _lift(self, [v], role, v.axes[self.dim0], ctx, new_axes=new_axes)[0]
+        return _rebuild(v, axes, shape, roles, v.keys)
+
+
+@dataclass(frozen=True)
+class RopePermute(_PerTensor):
+    """Per head, interleaved rotary pairs -> rotate-half order along ``dim`` (transformers'
+    PermuteForRope): rows [x0, x1, x2, x3] of a head become [x0, x2, x1, x3]."""
+
+    name: ClassVar[str] = "rope_permute"
+    heads: ast.Expr
+    dim: int = 0
+    inverse: ClassVar[bool] = False
+
+    def _args(self) -> list[str]:
+        return [f"heads={_fmt(self.heads)}"] + ([f"dim={self.dim}"] if self.dim else [])
+
+    def one(self, v: StemValue, ctx: OpContext) -> StemValue:
+        _check_dim(ctx, self, self.dim, len(v.axes))
+        heads = ctx.eval(self.heads)
+        n = v.shape[self.dim]
+        if heads <= 0 or n % (2 * heads):
+            raise ctx.fail(f"{self.name}: dim {self.dim} has {n} rows, not a multiple of "
+                           f"2 x {heads} heads", key=v.keys[0])
+        axis = v.axes[self.dim]
+        roles = {role: _lift(self, [v], role, axis, ctx, heads=heads)[0] for role in v.roles}
+        return _rebuild(v, v.axes, v.shape, roles, v.keys)
+
+
+@dataclass(frozen=True)
+class RopeUnpermute(RopePermute):
+    """The inverse of rope_permute: rotate-half order -> interleaved pairs."""
+
+    name: ClassVar[str] = "rope_unpermute"
+    inverse: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Flatten(_PerTensor):
+    """Merge dims ``dim .. dim+len(sizes)-1`` (which must have these sizes) into one: a Conv3d
+    kernel ``[out, C, kt, kh, kw]`` -> a Linear ``[out, C*kt*kh*kw]``."""
+
+    name: ClassVar[str] = "flatten"
+    dim: int
+    sizes: tuple[ast.Expr, ...]
+
+    def _args(self) -> list[str]:
+        return [str(self.dim), "sizes=[" + ", ".join(_fmt(s) for s in self.sizes) + "]"]
+
+    def one(self, v: StemValue, ctx: OpContext) -> StemValue:
+        sizes = _sizes(ctx, self.sizes)
+        end = self.dim + len(sizes)
+        if end > len(v.shape) or list(v.shape[self.dim:end]) != sizes:
+            raise ctx.fail(f"flatten({self.dim}): dims {self.dim}..{end - 1} of "
+                           f"{list(v.shape)} are not {sizes}", key=v.keys[0])
+        merged = v.axes[self.dim:end]
+        axes = v.axes[: self.dim] + (v.axes[self.dim],) + v.axes[end:]
+        shape = v.shape[: self.dim] + (math.prod(sizes),) + v.shape[end:]
+        roles = {}
+        for role in v.roles:
+            new_axes = v.scheme.roles[role].axes_for(axes)
+            roles[role] = _lift(self, [v], role, v.axes[self.dim], ctx, merged=merged,
+                                new_axes=new_axes, logical_shape=shape, logical_axes=axes)[0]
+        return _rebuild(v, axes, shape, roles, v.keys)
+
+
+@dataclass(frozen=True)
+class Unflatten(_PerTensor):
+    """Split dim ``dim`` into dims of the given sizes (the inverse of flatten)."""
+
+    name: ClassVar[str] = "unflatten"
+    dim: int
+    sizes: tuple[ast.Expr, ...]
+
+    def _args(self) -> list[str]:
+        return [str(self.dim), "sizes=[" + ", ".join(_fmt(s) for s in self.sizes) + "]"]
+
+    def one(self, v: StemValue, ctx: OpContext) -> StemValue:
+        _check_dim(ctx, self, self.dim, len(v.axes))
+        sizes = _sizes(ctx, self.sizes)
+        if v.shape[self.dim] != math.prod(sizes):
+            raise ctx.fail(f"unflatten({self.dim}): dim {self.dim} has {v.shape[self.dim]}, "
+                           f"not {' x '.join(map(str, sizes))}", key=v.keys[0])
+        used = set(v.axes)
+        fresh: list[str] = []
+        i = 1
+        while len(fresh) < len(sizes) - 1:
+            if f"k{i}" not in used:
+                fresh.append(f"k{i}")
+            i += 1
+        axes = v.axes[: self.dim] + (v.axes[self.dim], *fresh) + v.axes[self.dim + 1:]
+        shape = v.shape[: self.dim] + tuple(sizes) + v.shape[self.dim + 1:]
+        roles = {}
+        for role in v.roles:
+            new_axes = v.scheme.roles[role].axes_for(axes)
+            roles[role] = _lift(self, [v], role, v.axes[self.dim], ctx, merged=axes[
+                self.dim:self.dim + len(sizes)], new_axes=new_axes, logical_shape=shape,
+                logical_axes=axes)[0]
+        return _rebuild(v, axes, shape, roles, v.keys)
+
+
+OPS: tuple[type[Op], ...] = (Stack, Unstack, Concat, Split, Interleave, Deinterleave, Transpose,
+                             RopePermute, RopeUnpermute, Flatten, Unflatten)
+OPS_BY_NAME: dict[str, type[Op]] = {cls.name: cls for cls in OPS}
+
+# --- the inverse table: one entry per op --------------------------------------------------------
+
+INVERSE: dict[type[Op], Callable[[Any], Op]] = {
+    # families <-> stacked axis
+    Stack: lambda op: Unstack(op.capture, op.dim, on=op.on, span=op.span),
+    Unstack: lambda op: Stack(op.capture, op.dim, on=op.on, span=op.span),
+    # parts <-> one tensor
+    Concat: lambda op: Split(op.dim, op.sizes, op.parts, on=op.on, span=op.span),
+    Split: lambda op: Concat(op.dim, op.sizes, op.parts, on=op.on, span=op.span),
+    Interleave: lambda op: Deinterleave(op.dim, op.parts, on=op.on, span=op.span),
+    Deinterleave: lambda op: Interleave(op.dim, op.parts, on=op.on, span=op.span),
+    # permutations of one tensor
+    Transpose: lambda op: Transpose(op.dim0, op.dim1, on=op.on, span=op.span),
+    RopePermute: lambda op: RopeUnpermute(op.heads, op.dim, on=op.on, span=op.span),
+    RopeUnpermute: lambda op: RopePermute(op.heads, op.dim, on=op.on, span=op.span),
+    # reshapes
+    Flatten: lambda op: Unflatten(op.dim, op.sizes, on=op.on, span=op.span),
+    Unflatten: lambda op: Flatten(op.dim, op.sizes, on=op.on, span=op.span),
+}
+
+
+def invert(op: Op) -> Op:
+    fn = INVERSE.get(type(op))
+    if fn is None:  # pragma: no cover - the completeness test forbids this
+        raise RuleError(f"op {op.name} has no inverse", span=op.span)
+    return fn(op)
+
+
+# --- the lifting table: (op, relation of the role to the op's axis) -> role values --------------
+
+LiftFn = Callable[..., list[RoleValue]]
+
+
+def _pos(rv: RoleValue, axis: str) -> int:
+    return rv.axes.index(axis)
+
+
+def _lift_stack(op: Stack, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+                new_axes: tuple[str, ...]) -> list[RoleValue]:
+    pos = new_axes.index(axis)
+    return [RoleValue(n_stack([p.node for p in parts], pos, ctx.origin), new_axes)]
+
+
+def _lift_unstack(op: Unstack, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+                  count: int) -> list[RoleValue]:
+    rv = parts[0]
+    pos = _pos(rv, axis)
+    axes = rv.axes[:pos] + rv.axes[pos + 1:]
+    return [RoleValue(n_select(rv.node, pos, i, ctx.origin), axes) for i in range(count)]
+
+
+def _duplicate(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+               count: int | None = None, widths: list[int] | None = None,
+               **_: Any) -> list[RoleValue]:
+    n = count if count is not None else len(widths) if widths is not None else op_parts(op)
+    return [parts[0]] * n
+
+
+def op_parts(op: Op) -> int:
+    return int(getattr(op, "parts", 1) or 1)
+
+
+def _keep_one(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, **_: Any
+              ) -> list[RoleValue]:
+    # The role has no axis for the parts to differ along: they must be the same tensor, kept once.
+    return [RoleValue(n_same([p.node for p in parts], ctx.origin), parts[0].axes)]
+
+
+def _lift_concat(op: Concat, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+                 widths: list[int]) -> list[RoleValue]:
+    pos = _pos(parts[0], axis)
+    return [RoleValue(n_cat([p.node for p in parts], pos, ctx.origin), parts[0].axes)]
+
+
+def _lift_split(op: Split, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+                widths: list[int]) -> list[RoleValue]:
+    rv = parts[0]
+    pos = _pos(rv, axis)
+    out, start = [], 0
+    for w in widths:
+        out.append(RoleValue(n_slice(rv.node, pos, start, start + w, 1, ctx.origin), rv.axes))
+        start += w
+    return out
+
+
+def _lift_interleave(op: Interleave, parts: list[RoleValue], axis: str, ctx: OpContext
+                     ) -> list[RoleValue]:
+    pos = _pos(parts[0], axis)
+    stacked = n_stack([p.node for p in parts], pos + 1, ctx.origin)
+    s = parts[0].node.shape
+    shape = s[:pos] + (s[pos] * len(parts),) + s[pos + 1:]
+    return [RoleValue(n_reshape(stacked, shape, ctx.origin), parts[0].axes)]
+
+
+def _lift_deinterleave(op: Deinterleave, parts: list[RoleValue], axis: str, ctx: OpContext
+                       ) -> list[RoleValue]:
+    rv = parts[0]
+    pos = _pos(rv, axis)
+    n = rv.node.shape[pos]
+    return [RoleValue(n_slice(rv.node, pos, j, n, op.parts, ctx.origin), rv.axes)
+            for j in range(op.parts)]
+
+
+def _lift_reorder(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+                  new_axes: tuple[str, ...]) -> list[RoleValue]:
+    rv = parts[0]
+    dims = tuple(rv.axes.index(a) for a in new_axes)
+    return [RoleValue(n_permute(rv.node, dims, ctx.origin), new_axes)]
+
+
+def _lift_rope(op: RopePermute, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+               heads: int) -> list[RoleValue]:
+    rv = parts[0]
+    pos = _pos(rv, axis)
+    s = rv.node.shape
+    half = s[pos] // heads // 2
+    inner = (2, half) if op.inverse else (half, 2)
+    view = n_reshape(rv.node, s[:pos] + (heads, *inner) + s[pos + 1:], ctx.origin)
+    dims = list(range(len(view.shape)))
+    dims[pos + 1], dims[pos + 2] = dims[pos + 2], dims[pos + 1]
+    swapped = n_permute(view, tuple(dims), ctx.origin)
+    return [RoleValue(n_reshape(swapped, s, ctx.origin), rv.axes)]
+
+
+def _unchanged(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, **_: Any
+               ) -> list[RoleValue]:
+    return [parts[0]]
+
+
+def _lift_reshape(op: Flatten | Unflatten, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+                  merged: tuple[str, ...], new_axes: tuple[str, ...], logical_shape: P.Shape,
+                  logical_axes: tuple[str, ...]) -> list[RoleValue]:
+    rv = parts[0]
+    carried = [a for a in merged if a in rv.axes]
+    if isinstance(op, Flatten) and len(carried) != len(merged):
+        raise ctx.fail(f"{op.name}: the role carries only {carried} of {list(merged)}")
+    size = dict(zip(logical_axes, logical_shape, strict=True))
+    shape = tuple(size[a] for a in new_axes)
+    return [RoleValue(n_reshape(rv.node, shape, ctx.origin), new_axes)]
+
+
+def _lift_reshape_broadcast(op: Flatten | Unflatten, parts: list[RoleValue], axis: str,
+                            ctx: OpContext, *, merged: tuple[str, ...], new_axes: tuple[str, ...],
+                            **_: Any) -> list[RoleValue]:
+    rv = parts[0]
+    if any(a in rv.axes for a in merged):
+        raise ctx.fail(f"{op.name}: the role carries only some of the axes {list(merged)}")
+    return [RoleValue(rv.node, new_axes)]
+
+
+LIFT: dict[tuple[type[Op], Relation], LiftFn] = {
+    # stack/unstack: every role carries the expert axis (a scalar becomes an [E] vector)
+    (Stack, "plain"): _lift_stack,
+    (Stack, "broadcast"): _lift_stack,
+    (Unstack, "plain"): _lift_unstack,
+    (Unstack, "broadcast"): _duplicate,
+    # concat/split: along the axis if the role has it; else keep one / duplicate
+    (Concat, "plain"): _lift_concat,
+    (Concat, "broadcast"): _keep_one,
+    (Split, "plain"): _lift_split,
+    (Split, "broadcast"): _duplicate,
+    (Interleave, "plain"): _lift_interleave,
+    (Interleave, "broadcast"): _keep_one,
+    (Deinterleave, "plain"): _lift_deinterleave,
+    (Deinterleave, "broadcast"): _duplicate,
+    # permutations: roles reorder their own axes; row permutations skip roles without rows
+    (Transpose, "plain"): _lift_reorder,
+    (Transpose, "broadcast"): _lift_reorder,
+    (RopePermute, "plain"): _lift_rope,
+    (RopePermute, "broadcast"): _unchanged,
+    (RopeUnpermute, "plain"): _lift_rope,
+    (RopeUnpermute, "broadcast"): _unchanged,
+    # reshapes: a role carrying the merged axes is reshaped, one without them is unchanged
+    (Flatten, "plain"): _lift_reshape,
+    (Flatten, "broadcast"): _lift_reshape_broadcast,
+    (Unflatten, "plain"): _lift_reshape,
+    (Unflatten, "broadcast"): _lift_reshape_broadcast,
+}
+
+assert set(RELATIONS) == {"plain", "broadcast"}
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out: list[str] = []
+    start: int | None = None
+    prev: int | None = None
+    for v in [*values, None]:
+        if start is not None and prev is not None and (v is None or v != prev + 1):
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if v is not None and start is None:
+            start = v
+        prev = v
+    return ", ".join(out)
+
+
+__all__ = ["INVERSE", "LIFT", "OPS", "OPS_BY_NAME", "Op", "OpContext", "RoleValue", "StemValue",
+           "Stream", "eval_expr", "invert", "replace"]

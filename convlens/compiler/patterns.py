@@ -1,0 +1,162 @@
+"""Patterns compiled for matching keys: anchored, segment-aware, with stems that own their tensors.
+
+A pattern matches a *stem*: a key prefix that ends at a segment boundary. The stem owns
+
+- the key equal to it (``experts.gate_up_proj`` under param naming),
+- its leaves, any key that continues with ``.`` (``q_proj.weight``, ``q_proj.k_scale``),
+- its suffix siblings, a key that continues with ``_ROLE`` for a known role name
+  (``experts.gate_up_proj_weight_scale``, ``gate_up_proj_blocks``), optionally followed by leaves.
+
+Where several stems of one key match, the shortest wins (multi-segment captures are lazy), so the
+result is deterministic. Captures never cross a dot unless written ``{name*}``; ints are canonical
+(no leading zeros) so that formatting a match gives the key back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+from convlens.compiler.naming import SUFFIX_ROLES
+from convlens.dsl.ast import Capture, Literal, Pattern, Segment
+from convlens.errors import RuleError, Span
+
+_INT = r"(?:0|[1-9][0-9]*)"
+_ROLE_ALT = "|".join(re.escape(r) for r in sorted(SUFFIX_ROLES, key=len, reverse=True))
+_TAIL = rf"(?=$|\.|_(?:{_ROLE_ALT})(?:$|\.))"
+
+
+@dataclass(frozen=True)
+class Match:
+    captures: dict[str, str]
+    stem: str
+    tail: str  # "" | ".leaf..." | "_role[.leaf...]"
+
+
+class CompiledPattern:
+    """One pattern, ready to match keys and to format captures back into a stem."""
+
+    def __init__(self, pattern: Pattern) -> None:
+        self.source = pattern
+        self.text = pattern.text
+        self.span = pattern.span
+        self.captures: dict[str, Capture] = pattern.captures()
+        body = r"\.".join(_segment_regex(s) for s in pattern.segments)
+        self.regex = re.compile("^" + body + _TAIL)
+        literals = [p.text for seg in pattern.segments for p in seg if isinstance(p, Literal)]
+        # A literal that every matching key contains: a cheap test before the regex.
+        self.needle = max(literals, key=len) if literals else ""
+        self.min_segments = len(pattern.segments)
+
+    def match(self, key: str) -> Match | None:
+        if self.needle and self.needle not in key:
+            return None
+        m = self.regex.match(key)
+        if m is None:
+            return None
+        return Match(captures=m.groupdict(), stem=key[: m.end()], tail=key[m.end():])
+
+    def format(self, captures: dict[str, str]) -> str:
+        out = []
+        for seg in self.source.segments:
+            out.append("".join(p.text if isinstance(p, Literal) else captures[p.name] for p in seg))
+        return ".".join(out)
+
+    def is_literal(self) -> bool:
+        return not self.captures
+
+    def __repr__(self) -> str:
+        return f"CompiledPattern({self.text!r})"
+
+
+def _segment_regex(seg: Segment) -> str:
+    parts = []
+    for p in seg:
+        if isinstance(p, Literal):
+            parts.append(re.escape(p.text))
+        elif p.kind == "many":
+            parts.append(rf"(?P<{p.name}>[^.]+(?:\.[^.]+)*?)")
+        elif p.kind == "int":
+            parts.append(rf"(?P<{p.name}>{_INT})")
+        else:
+            parts.append(rf"(?P<{p.name}>[^.]+?)")
+    return "".join(parts)
+
+
+def check_pattern(pattern: Pattern) -> list[RuleError]:
+    """Ambiguities that the segment scanner cannot see alone."""
+    errors = []
+    for seg in pattern.segments:
+        free = [p for p in seg if isinstance(p, Capture) and p.kind == "one"]
+        if len(free) > 1:
+            errors.append(RuleError(
+                f"ambiguous pattern {pattern.text!r}: {{{free[0].name}}} and {{{free[1].name}}} in "
+                "one segment can split it in more than one way", span=_at(pattern, free[1]),
+                hint="use one text capture per segment"))
+        for a, b in itertools.pairwise(seg):
+            if isinstance(a, Capture) and a.kind == "int" and isinstance(b, Literal):
+                cap, digit = a, b.text[:1].isdigit()
+            elif isinstance(b, Capture) and b.kind == "int" and isinstance(a, Literal):
+                cap, digit = b, a.text[-1:].isdigit()
+            else:
+                continue
+            if digit:
+                errors.append(RuleError(
+                    f"ambiguous pattern {pattern.text!r}: digits next to {{{cap.name}:int}}",
+                    span=_at(pattern, cap)))
+    return errors
+
+
+def _at(pattern: Pattern, cap: Capture) -> Span:
+    return pattern.span.shifted(cap.column + 1, len(cap.name) + 2)
+
+
+def compile_guard_values(values: tuple[str, ...]) -> re.Pattern[str]:
+    """Guard values are globs: ``*`` matches any text."""
+    alts = ["".join(".*" if c == "*" else re.escape(c) for c in v) for v in values]
+    return re.compile("^(?:" + "|".join(alts) + ")$")
+
+
+# --- overlap of two patterns (static checks) --------------------------------------------------
+
+
+def stems_overlap(a: Pattern, b: Pattern) -> bool:
+    """Whether some stem matches both patterns (same depth, not prefix/leaf relations)."""
+    sa, sb = a.segments, b.segments
+    memo: dict[tuple[int, int], bool] = {}
+
+    def many(seg: Segment) -> bool:
+        return len(seg) == 1 and isinstance(seg[0], Capture) and seg[0].kind == "many"
+
+    def f(i: int, j: int) -> bool:
+        if (i, j) in memo:
+            return memo[(i, j)]
+        if i == len(sa) or j == len(sb):
+            res = i == len(sa) and j == len(sb)
+        elif many(sa[i]) and many(sb[j]):
+            res = f(i + 1, j + 1) or f(i, j + 1) or f(i + 1, j)
+        elif many(sa[i]):
+            res = f(i, j + 1) or f(i + 1, j + 1)
+        elif many(sb[j]):
+            res = f(i + 1, j) or f(i + 1, j + 1)
+        else:
+            res = _segments_meet(sa[i], sb[j]) and f(i + 1, j + 1)
+        memo[(i, j)] = res
+        return res
+
+    return f(0, 0)
+
+
+def _segments_meet(a: Segment, b: Segment) -> bool:
+    lit_a = all(isinstance(p, Literal) for p in a)
+    lit_b = all(isinstance(p, Literal) for p in b)
+    text_a = "".join(p.text for p in a if isinstance(p, Literal))
+    text_b = "".join(p.text for p in b if isinstance(p, Literal))
+    if lit_a and lit_b:
+        return text_a == text_b
+    if lit_a:
+        return re.fullmatch(_segment_regex(b), text_a) is not None
+    if lit_b:
+        return re.fullmatch(_segment_regex(a), text_b) is not None
+    return True  # two segments with captures: assume they can meet

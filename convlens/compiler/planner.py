@@ -1,0 +1,249 @@
+"""Rules + tensor headers -> a plan. Names, shapes and dtypes only; no tensor data is read.
+
+Rules run in order, each over the whole key set produced by the previous one (a pass). The values
+flowing between passes are plan nodes, so the final plan composes every rule into one expression
+per output key. Accounting is structural: every current key is either renamed, consumed by
+exactly one group, or passed through; a second writer of a key is a collision error naming both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from convlens.compiler import ops as O
+from convlens.compiler import plan as P
+from convlens.compiler.layout import RoleMeta, default_axes, detect_scheme
+from convlens.compiler.naming import key_for, role_of
+from convlens.compiler.program import Program, Rule
+from convlens.errors import ConversionError
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class _Member:
+    roles: dict[str, tuple[str, P.Node]] = field(default_factory=dict)  # role -> (key, node)
+
+
+@dataclass
+class _Group:
+    captures: dict[str, str]
+    first: str  # first key, for messages
+    parts: list[dict[tuple[int, ...], _Member]]  # per source pattern: stack index -> member
+
+
+def plan(program: Program, metas: Mapping[str, TensorMeta], config: Mapping[str, Any] | None = None,
+         *, strict: bool = False) -> P.Plan:
+    """Plan ``program`` over tensors described by ``metas`` (key -> shape and dtype)."""
+    rules = list(program.rules)
+    refs = [r.ref for r in rules]
+    state: dict[str, P.Node] = {k: P.Load(k, tuple(m.shape), m.dtype) for k, m in metas.items()}
+    touched: set[str] = set()
+    counts: dict[int, int] = {}
+    cfg = config or {}
+    for index, rule in enumerate(rules):
+        if rule.kind == "rename":
+            state = _rename_pass(rule, index, state, touched, counts)
+        elif rule.kind in ("drop", "restore"):
+            state = _copy_pass(rule, index, state, touched, counts)
+        else:
+            state = _tensor_pass(rule, index, state, touched, counts, cfg)
+    passthrough = [k for k in metas if k not in touched]
+    if strict and passthrough:
+        shown = ", ".join(passthrough[:10]) + (" ..." if len(passthrough) > 10 else "")
+        raise ConversionError(
+            f"strict: {len(passthrough)} key(s) match no rule of {program.name}: {shown}")
+    return P.Plan(conversion=program.name, direction=program.direction, outputs=state, rules=refs,
+                  rule_counts=counts, passthrough=passthrough)
+
+
+def _origins(node: P.Node) -> str:
+    keys = sorted({leaf.key for leaf in P.leaves(node)})
+    return keys[0] if len(keys) == 1 else f"{keys[0]} (+{len(keys) - 1} more)"
+
+
+def _put(out: dict[str, P.Node], key: str, node: P.Node, rule: Rule) -> None:
+    if key in out:
+        raise ConversionError(
+            f"two tensors would be written to {key!r}: one from {_origins(out[key])}, one from "
+            f"{_origins(node)}", span=rule.span, rule=rule.ref.label, key=key)
+    out[key] = node
+
+
+def _mark(touched: set[str], node: P.Node) -> None:
+    for leaf in P.leaves(node):
+        touched.add(leaf.key)
+
+
+def _rekey(rule: Rule, stem: str, tail: str, key: str) -> str:
+    if rule.src.naming == rule.dst.naming:
+        return stem + tail
+    role = role_of(tail, rule.src.naming)
+    if role is None or "." in role:
+        raise ConversionError(
+            f"key {key!r} does not fit {rule.src.naming} naming ({rule.src.patterns[0].text}), so "
+            f"it cannot be renamed into {rule.dst.naming} naming", span=rule.span,
+            rule=rule.ref.label, key=key)
+    return key_for(stem, role, rule.dst.naming)
+
+
+def _rename_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[str],
+                 counts: dict[int, int]) -> dict[str, P.Node]:
+    src, dst = rule.src.patterns[0], rule.dst.patterns[0]
+    out: dict[str, P.Node] = {}
+    hits = 0
+    for key, node in state.items():
+        m = src.match(key)
+        if m is None or not all(g.allows(m.captures) for g in rule.guards):
+            _put(out, key, node, rule)
+            continue
+        new = _rekey(rule, dst.format(m.captures), m.tail, key)
+        _put(out, new, node, rule)
+        _mark(touched, node)
+        hits += 1
+    if hits:
+        counts[index] = counts.get(index, 0) + hits
+    return out
+
+
+def _copy_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[str],
+               counts: dict[int, int]) -> dict[str, P.Node]:
+    """drop: remove the src stem's tensors, checked equal to the dst stem's (kept) ones.
+    restore: write the dst stem's tensors again as copies of the src stem's."""
+    src, dst = rule.src.patterns[0], rule.dst.patterns[0]
+    out: dict[str, P.Node] = {}
+    pending: list[tuple[str, str]] = []  # (copy key, original key)
+    for key in state:
+        m = src.match(key)
+        if m is not None and all(g.allows(m.captures) for g in rule.guards):
+            pending.append((key, _rekey(rule, dst.format(m.captures), m.tail, key)))
+    if rule.kind == "drop":
+        dropped = {k: other for k, other in pending}
+        for key, node in state.items():
+            if key in dropped:
+                continue
+            out[key] = node
+        for key, other in dropped.items():
+            if other not in out:
+                raise ConversionError(
+                    f"drop: {key!r} can only be dropped next to {other!r}, which is missing",
+                    span=rule.span, rule=rule.ref.label, key=key)
+            kept, gone = out[other], state[key]
+            if kept.shape != gone.shape or kept.dtype != gone.dtype:
+                raise ConversionError(
+                    f"drop: {key!r} ({gone.dtype}{list(gone.shape)}) is not a copy of {other!r} "
+                    f"({kept.dtype}{list(kept.shape)})", span=rule.span, rule=rule.ref.label,
+                    key=key)
+            out[other] = O.n_same([kept, gone], index)
+            _mark(touched, gone)
+    else:
+        out = dict(state)
+        for key, copy in pending:
+            _put(out, copy, state[key], rule)
+            _mark(touched, state[key])
+    if pending:
+        counts[index] = counts.get(index, 0) + len(pending)
+    return out
+
+
+def _tensor_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[str],
+                 counts: dict[int, int], config: Mapping[str, Any]) -> dict[str, P.Node]:
+    patterns = rule.src.patterns
+    groups: dict[tuple[tuple[str, str], ...], _Group] = {}
+    order: list[tuple[str, Any]] = []  # ("key", key) | ("group", gid), in input order
+    for key in state:
+        hit = None
+        for j, pat in enumerate(patterns):
+            m = pat.match(key)
+            if m is not None and all(g.allows(m.captures) for g in rule.guards):
+                hit = (j, m)
+                break
+        if hit is None:
+            order.append(("key", key))
+            continue
+        j, m = hit
+        role = role_of(m.tail, rule.src.naming)
+        if role is None:
+            raise ConversionError(
+                f"{key!r} matches {patterns[j].text!r} but is not a tensor of that stem under "
+                f"{rule.src.naming} naming", span=rule.span, rule=rule.ref.label, key=key,
+                hint="a leaf the rule cannot place; rename it away first or narrow the pattern")
+        gid = tuple(sorted((c, v) for c, v in m.captures.items() if c not in rule.stacked))
+        group = groups.get(gid)
+        if group is None:
+            group = groups[gid] = _Group(dict(gid), key, [{} for _ in patterns])
+            order.append(("group", gid))
+        idx = tuple(int(m.captures[c]) for c in rule.stacked)
+        member = group.parts[j].setdefault(idx, _Member())
+        if role in member.roles:  # pragma: no cover - keys are unique and naming is injective
+            raise ConversionError(f"{key!r}: role {role} seen twice", key=key, rule=rule.ref.label)
+        member.roles[role] = (key, state[key])
+    out: dict[str, P.Node] = {}
+    made = 0
+    for kind, item in order:
+        if kind == "key":
+            _put(out, item, state[item], rule)
+            continue
+        for key, node in _build_group(rule, index, groups[item], config):
+            _put(out, key, node, rule)
+            _mark(touched, node)
+            made += 1
+    if made:
+        counts[index] = counts.get(index, 0) + made
+    return out
+
+
+def _describe(captures: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(captures.items())) or "-"
+
+
+def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any]
+                 ) -> list[tuple[str, P.Node]]:
+    ctx = O.OpContext(index, rule.ref.label, rule.span, config, _describe(group.captures))
+    streams: list[O.Stream] = []
+    role_sets: set[frozenset[str]] = set()
+    for j, part in enumerate(group.parts):
+        pattern = rule.src.patterns[j]
+        if not part:
+            raise ctx.fail(f"no tensors match {pattern.text!r} next to {group.first!r}; every "
+                           "pattern of the rule needs its part")
+        members: dict[tuple[int, ...], O.StemValue] = {}
+        for idx, member in sorted(part.items()):
+            members[idx] = _stem_value(rule, ctx, member)
+            role_sets.add(frozenset(member.roles))
+        streams.append(O.Stream(pattern.text, rule.stacked, members))
+    if len(role_sets) > 1:
+        sets = sorted(sorted(s) for s in role_sets)
+        raise ctx.fail(f"the parts have different tensors: {sets}")
+    for op in rule.ops:
+        streams = op.apply(streams, ctx)
+    results: list[tuple[str, P.Node]] = []
+    for stream, pattern in zip(streams, rule.dst.patterns, strict=True):
+        for idx, value in stream.members.items():
+            caps = dict(group.captures)
+            caps.update({c: str(i) for c, i in zip(stream.captures, idx, strict=True)})
+            stem = pattern.format(caps)
+            for role, rv in value.roles.items():
+                results.append((key_for(stem, role, rule.dst.naming), rv.node))
+    return results
+
+
+def _stem_value(rule: Rule, ctx: O.OpContext, member: _Member) -> O.StemValue:
+    metas = {role: RoleMeta(node.shape, node.dtype) for role, (_, node) in member.roles.items()}
+    keys = tuple(k for k, _ in member.roles.values())
+    primary = member.roles.get("weight")
+    rank = len(primary[1].shape) if primary else 0
+    axes = rule.src.axes if rule.src.axes is not None else default_axes(rank)
+    scheme = detect_scheme(metas, axes)
+    if isinstance(scheme, str):
+        raise ctx.fail(f"{scheme}", key=keys[0])
+    roles = {role: O.RoleValue(node, scheme.roles[role].axes_for(axes))
+             for role, (_, node) in member.roles.items()}
+    shape = scheme.logical_shape(metas[scheme.primary].shape)
+    return O.StemValue(scheme, axes, shape, roles, keys)

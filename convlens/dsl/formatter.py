@@ -1,0 +1,89 @@
+"""AST -> canonical text. ``parse(format_conversion(ast)) == ast`` (tested with hypothesis).
+
+Comments are not kept: the formatter prints the canonical form of a file's meaning.
+"""
+
+from __future__ import annotations
+
+import json
+
+from convlens.dsl import ast
+from convlens.dsl.patterns import format_pattern
+
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "//": 2}
+
+
+def format_expr(e: ast.Value, parent: int = 0, right: bool = False) -> str:
+    if isinstance(e, ast.Int):
+        return str(e.value)
+    if isinstance(e, ast.Ref):
+        return ".".join(e.path)
+    if isinstance(e, ast.Tuple):
+        return "[" + ", ".join(format_expr(i) for i in e.items) + "]"
+    prec = _PRECEDENCE[e.op]
+    text = f"{format_expr(e.left, prec)} {e.op} {format_expr(e.right, prec, right=True)}"
+    # Left-associative: a right operand of equal precedence needs parentheses.
+    if prec < parent or (right and prec == parent):
+        return f"({text})"
+    return text
+
+
+def _string(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+def format_endpoint(ep: ast.Endpoint) -> str:
+    text = ", ".join(_string(format_pattern(p)) for p in ep.patterns)
+    if ep.naming is not None:
+        text += f" naming {ep.naming}"
+    if ep.axes is not None:
+        text += " axes (" + ", ".join(ep.axes) + ")"
+    return text
+
+
+def format_op(op: ast.Op) -> str:
+    args = ", ".join((f"{a.name}=" if a.name else "") + format_expr(a.value) for a in op.args)
+    text = f"{op.name}({args})"
+    if op.on is not None:
+        text += " on [" + ", ".join(str(i) for i in op.on) + "]"
+    return text
+
+
+def format_guard(g: ast.Guard) -> str:
+    word = "unless" if g.negate else "where"
+    return f"{word} {g.capture} in (" + ", ".join(_string(v) for v in g.values) + ")"
+
+
+def format_statement(st: ast.Statement) -> str:
+    if isinstance(st, ast.Include):
+        return f"include {st.name}"
+    if isinstance(st, ast.Expect):
+        return f"expect {_string(st.src)}\n    -> {_string(st.dst)}"
+    lines: list[str]
+    if isinstance(st, ast.Rename):
+        lines = [f"rename {format_endpoint(st.src)}", f"  -> {format_endpoint(st.dst)}"]
+    elif isinstance(st, ast.Drop):
+        lines = [f"drop {format_endpoint(st.target)}",
+                 f"  restore from {format_endpoint(st.source)}"]
+    else:
+        keyword = {ast.Fuse: "fuse", ast.Split: "split", ast.Map: "map"}[type(st)]
+        lines = [
+            f"{keyword} {format_endpoint(st.src)}",
+            f"  -> {format_endpoint(st.dst)}",
+            "  by " + ", ".join(format_op(o) for o in st.ops),
+        ]
+    lines += [f"  {format_guard(g)}" for g in st.guards]
+    return "\n".join(lines)
+
+
+def format_conversion(conv: ast.Conversion) -> str:
+    """Canonical text of a whole file."""
+    out = [f"conversion {conv.name}"]
+    out += [f"  for {t.kind} " + ", ".join(t.names) for t in conv.targets]
+    previous: ast.Statement | None = None
+    for st in conv.statements:
+        if not (isinstance(st, ast.Expect) and isinstance(previous, ast.Expect)):
+            out.append("")
+        out.append(format_statement(st))
+        previous = st
+    return "\n".join(out) + "\n"

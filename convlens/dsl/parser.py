@@ -1,0 +1,342 @@
+"""Text -> AST. The only module that touches lark; its exceptions become convlens errors here."""
+
+from __future__ import annotations
+
+import ast as pyast
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from convlens.dsl import ast
+from convlens.dsl.patterns import parse_pattern
+from convlens.errors import ConvlensError, RuleError, RuleSyntaxError, Span
+
+# Friendly messages for common mistakes: lark matches a failing input against these examples by
+# parser state (UnexpectedInput.match_examples). tests/dsl/test_errors.py runs every entry.
+SYNTAX_EXAMPLES: dict[str, list[str]] = {
+    "a conversion file starts with 'conversion NAME'": [
+        'rename "a" -> "b"',
+        'fuse "a" -> "b" by concat(0)',
+    ],
+    "expected '->' between the two sides of the rule": [
+        'conversion x\nrename "a" "b"',
+        'conversion x\nrename "a" => "b"',
+        'conversion x\nfuse "a", "b" "c" by concat(0)',
+    ],
+    "patterns are written in double quotes: \"model.{rest*}\"": [
+        "conversion x\nrename a -> b",
+        'conversion x\nrename "a" -> b',
+        "conversion x\nrename 'a' -> 'b'",
+    ],
+    "a tensor rule needs 'by' followed by its ops: by stack(e, 0), concat(1)": [
+        'conversion x\nfuse "a", "b" -> "c"',
+        'conversion x\nfuse "a", "b" -> "c" concat(1)',
+        'conversion x\nsplit "a" -> "b", "c"\nrename "x" -> "y"',
+    ],
+    "an op is a name with its arguments in parentheses: concat(1)": [
+        'conversion x\nfuse "a", "b" -> "c" by concat',
+        'conversion x\nfuse "a", "b" -> "c" by concat 1',
+        'conversion x\nfuse "a", "b" -> "c" by stack(e, 0) concat(1)',
+    ],
+    "unclosed '(' in the op's arguments": [
+        'conversion x\nfuse "a", "b" -> "c" by concat(1',
+        'conversion x\nfuse "a", "b" -> "c" by split(0, sizes=[1, 2]',
+    ],
+    "a guard reads: unless NAME in (\"value\", ...)": [
+        'conversion x\nrename "{a}" -> "b.{a}" unless a ("x")',
+        'conversion x\nrename "{a}" -> "b.{a}" unless a in "x"',
+        'conversion x\nrename "{a}" -> "b.{a}" unless "a" in ("x")',
+    ],
+    "'for' takes model_type or architecture and a list of names": [
+        "conversion x\nfor model mixtral",
+        "conversion x\nfor model_type",
+        'conversion x\nfor model_type "mixtral"',
+    ],
+    "'expect' takes two quoted keys: expect \"hub key\" -> \"memory key\"": [
+        "conversion x\nexpect a -> b",
+        'conversion x\nexpect "a" "b"',
+    ],
+}
+
+
+@lru_cache(maxsize=1)
+def _lark() -> Lark:
+    return Lark.open_from_package(
+        "convlens", "conv.lark", ("grammars",), parser="lalr", propagate_positions=True,
+        maybe_placeholders=True,
+    )
+
+
+def grammar_text() -> str:
+    """The grammar, which is the language reference."""
+    return (Path(__file__).parent.parent / "grammars" / "conv.lark").read_text()
+
+
+class _Builder(Transformer[Token, Any]):
+    def __init__(self, path: str, lines: list[str]) -> None:
+        super().__init__()
+        self.path = path
+        self.lines = lines
+
+    def _span(self, meta: Any) -> Span:
+        if getattr(meta, "empty", True):
+            return Span(self.path, 0, 0)
+        line = meta.line
+        end = meta.end_column if meta.end_line == meta.line else None
+        src = self.lines[line - 1] if 0 < line <= len(self.lines) else None
+        return Span(self.path, line, meta.column, end, src)
+
+    def _tok_span(self, tok: Token) -> Span:
+        line = tok.line or 0
+        col = tok.column or 0
+        src = self.lines[line - 1] if 0 < line <= len(self.lines) else None
+        return Span(self.path, line, col, col + len(tok), src)
+
+    def _string(self, tok: Token) -> str:
+        try:
+            value = pyast.literal_eval(str(tok))
+        except (ValueError, SyntaxError) as exc:
+            raise RuleError(f"bad string literal {tok!s}", span=self._tok_span(tok)) from exc
+        assert isinstance(value, str)
+        return value
+
+    @v_args(meta=True)
+    def start(self, meta: Any, children: list[Any]) -> ast.Conversion:
+        name, targets, span = children[0]
+        return ast.Conversion(name=name, targets=targets, statements=tuple(children[1:]),
+                              path=self.path, span=span)
+
+    @v_args(meta=True)
+    def header(self, meta: Any, children: list[Any]) -> tuple[str, tuple[ast.Target, ...], Span]:
+        return str(children[0]), tuple(children[1:]), self._span(meta)
+
+    @v_args(meta=True)
+    def target(self, meta: Any, children: list[Any]) -> ast.Target:
+        kind = str(children[0])
+        assert kind in ("model_type", "architecture")
+        return ast.Target(kind=kind, names=tuple(str(c) for c in children[1:]),  # type: ignore[arg-type]
+                          span=self._span(meta))
+
+    def pattern(self, children: list[Token]) -> ast.Pattern:
+        tok = children[0]
+        return parse_pattern(self._string(tok), self._tok_span(tok))
+
+    @v_args(meta=True)
+    def endpoint(self, meta: Any, children: list[Any]) -> ast.Endpoint:
+        patterns = tuple(c for c in children if isinstance(c, ast.Pattern))
+        naming = next((c[1] for c in children if isinstance(c, tuple) and c[0] == "naming"), None)
+        axes = next((c[1] for c in children if isinstance(c, tuple) and c[0] == "axes"), None)
+        return ast.Endpoint(patterns=patterns, naming=naming, axes=axes, span=self._span(meta))
+
+    def naming(self, children: list[Token]) -> tuple[str, str]:
+        return ("naming", str(children[0]))
+
+    def axes(self, children: list[Token]) -> tuple[str, tuple[str, ...]]:
+        return ("axes", tuple(str(c) for c in children))
+
+    def _guard(self, meta: Any, children: list[Any], negate: bool) -> ast.Guard:
+        return ast.Guard(capture=str(children[0]), negate=negate,
+                         values=tuple(self._string(t) for t in children[1:]),
+                         span=self._span(meta))
+
+    @v_args(meta=True)
+    def guard_in(self, meta: Any, children: list[Any]) -> ast.Guard:
+        return self._guard(meta, children, False)
+
+    @v_args(meta=True)
+    def guard_not_in(self, meta: Any, children: list[Any]) -> ast.Guard:
+        return self._guard(meta, children, True)
+
+    def _split_rule(self, children: list[Any]) -> tuple[Any, Any, tuple[Any, ...], tuple[Any, ...]]:
+        src, dst = children[0], children[1]
+        ops = tuple(c for c in children[2:] if isinstance(c, ast.Op))
+        guards = tuple(c for c in children[2:] if isinstance(c, ast.Guard))
+        return src, dst, ops, guards
+
+    @v_args(meta=True)
+    def rename(self, meta: Any, children: list[Any]) -> ast.Rename:
+        src, dst, _, guards = self._split_rule(children)
+        return ast.Rename(src=src, dst=dst, guards=guards, span=self._span(meta))
+
+    @v_args(meta=True)
+    def fuse(self, meta: Any, children: list[Any]) -> ast.Fuse:
+        src, dst, ops, guards = self._split_rule(children)
+        return ast.Fuse(src=src, dst=dst, ops=ops, guards=guards, span=self._span(meta))
+
+    @v_args(meta=True)
+    def split(self, meta: Any, children: list[Any]) -> ast.Split:
+        src, dst, ops, guards = self._split_rule(children)
+        return ast.Split(src=src, dst=dst, ops=ops, guards=guards, span=self._span(meta))
+
+    @v_args(meta=True)
+    def map(self, meta: Any, children: list[Any]) -> ast.Map:
+        src, dst, ops, guards = self._split_rule(children)
+        return ast.Map(src=src, dst=dst, ops=ops, guards=guards, span=self._span(meta))
+
+    @v_args(meta=True)
+    def drop(self, meta: Any, children: list[Any]) -> ast.Drop:
+        target, source, _, guards = self._split_rule(children)
+        return ast.Drop(target=target, source=source, guards=guards, span=self._span(meta))
+
+    @v_args(meta=True)
+    def include(self, meta: Any, children: list[Any]) -> ast.Include:
+        return ast.Include(name=str(children[0]), span=self._span(meta))
+
+    @v_args(meta=True)
+    def expect(self, meta: Any, children: list[Any]) -> ast.Expect:
+        return ast.Expect(src=self._string(children[0]), dst=self._string(children[1]),
+                          span=self._span(meta))
+
+    @v_args(meta=True)
+    def op(self, meta: Any, children: list[Any]) -> ast.Op:
+        name = str(children[0])
+        args = tuple(c for c in children[1:] if isinstance(c, ast.Arg))
+        on = next((c for c in children[1:] if isinstance(c, tuple)), None)
+        return ast.Op(name=name, args=args, on=on, span=self._span(meta))
+
+    def on(self, children: list[Token]) -> tuple[int, ...]:
+        return tuple(int(c) for c in children)
+
+    @v_args(meta=True)
+    def kwarg(self, meta: Any, children: list[Any]) -> ast.Arg:
+        return ast.Arg(name=str(children[0]), value=children[1], span=self._span(meta))
+
+    @v_args(meta=True)
+    def posarg(self, meta: Any, children: list[Any]) -> ast.Arg:
+        return ast.Arg(name=None, value=children[0], span=self._span(meta))
+
+    @v_args(meta=True)
+    def tuple(self, meta: Any, children: list[Any]) -> ast.Tuple:
+        return ast.Tuple(items=tuple(children), span=self._span(meta))
+
+    def _bin(self, op: str, meta: Any, children: list[Any]) -> ast.BinOp:
+        return ast.BinOp(op=op, left=children[0], right=children[1],  # type: ignore[arg-type]
+                         span=self._span(meta))
+
+    @v_args(meta=True)
+    def add(self, meta: Any, children: list[Any]) -> ast.BinOp:
+        return self._bin("+", meta, children)
+
+    @v_args(meta=True)
+    def sub(self, meta: Any, children: list[Any]) -> ast.BinOp:
+        return self._bin("-", meta, children)
+
+    @v_args(meta=True)
+    def mul(self, meta: Any, children: list[Any]) -> ast.BinOp:
+        return self._bin("*", meta, children)
+
+    @v_args(meta=True)
+    def floordiv(self, meta: Any, children: list[Any]) -> ast.BinOp:
+        return self._bin("//", meta, children)
+
+    def int(self, children: list[Token]) -> ast.Int:
+        return ast.Int(value=int(children[0]), span=self._tok_span(children[0]))
+
+    @v_args(meta=True)
+    def ref(self, meta: Any, children: list[Token]) -> ast.Ref:
+        return ast.Ref(path=tuple(str(c) for c in children), span=self._span(meta))
+
+
+def parse(text: str, path: str = "<string>") -> ast.Conversion:
+    """Parse conversion text into an AST; raises :class:`RuleSyntaxError` / :class:`RuleError`.
+
+    >>> conv = parse('conversion demo\\nrename "{p*}.block_sparse_moe" -> "{p*}.mlp"')
+    >>> conv.name, type(conv.statements[0]).__name__
+    ('demo', 'Rename')
+    """
+    lines = text.splitlines()
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as exc:
+        raise _syntax_error(exc, text, path, lines) from None
+    try:
+        result = _Builder(path, lines).transform(tree)
+    except ConvlensError:
+        raise
+    except Exception as exc:  # lark wraps errors raised inside callbacks
+        inner = getattr(exc, "orig_exc", None)
+        if isinstance(inner, ConvlensError):
+            raise inner from None
+        raise
+    assert isinstance(result, ast.Conversion)
+    return result
+
+
+def parse_file(path: str | Path, display: str | None = None) -> ast.Conversion:
+    """Parse a rule file; ``display`` is how messages name it (default: the path)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RuleSyntaxError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise RuleSyntaxError(f"cannot read rule file {p}: {exc.strerror}") from None
+    return parse(text, display or str(p))
+
+
+def _syntax_error(exc: UnexpectedInput, text: str, path: str, lines: list[str]) -> RuleSyntaxError:
+    line = getattr(exc, "line", 0) or 0
+    col = getattr(exc, "column", 0) or 0
+    if isinstance(exc, UnexpectedEOF) or line <= 0:
+        line = max(1, len(lines))
+        col = len(lines[-1]) + 1 if lines else 1
+    src = lines[line - 1] if 0 < line <= len(lines) else ""
+    span = Span(path, line, col, None, src)
+    label = _example_signatures().get(_signature(exc))
+    if isinstance(exc, UnexpectedCharacters):
+        pos = exc.pos_in_stream or 0
+        found = repr(text[pos]) if pos < len(text) else "end of file"
+        detail = f"unexpected character {found}"
+    elif isinstance(exc, UnexpectedToken):
+        tok = exc.token
+        found = "end of file" if tok.type == "$END" else repr(str(tok))
+        expected = sorted(_pretty_terminal(t) for t in exc.accepts or exc.expected)
+        detail = f"unexpected {found}; expected one of: {', '.join(expected)}"
+    else:
+        detail = "unexpected end of file"
+    message = label if isinstance(label, str) else detail
+    hint = detail if isinstance(label, str) else None
+    return RuleSyntaxError(message, span=span, hint=hint)
+
+
+def _signature(exc: UnexpectedInput) -> tuple[str, int, frozenset[str]]:
+    """Where the parser was when it failed: its LALR state and what it would have accepted.
+
+    lark's own ``match_examples`` does this too, but crashes formatting a debug message when two
+    examples share a state (lark 1.3), so the table is matched here.
+    """
+    state = getattr(exc, "state", None)
+    position = getattr(state, "position", state if isinstance(state, int) else -1)
+    accepts = getattr(exc, "accepts", None) or getattr(exc, "expected", None) or ()
+    return type(exc).__name__, int(position), frozenset(accepts)
+
+
+@lru_cache(maxsize=1)
+def _example_signatures() -> dict[tuple[str, int, frozenset[str]], str]:
+    table: dict[tuple[str, int, frozenset[str]], str] = {}
+    for label, examples in SYNTAX_EXAMPLES.items():
+        for example in examples:
+            try:
+                _lark().parse(example)
+            except UnexpectedInput as exc:
+                table.setdefault(_signature(exc), label)
+            else:  # pragma: no cover - guarded by tests/dsl/test_errors.py
+                raise AssertionError(f"syntax example parses: {example!r}")
+    return table
+
+
+def _pretty_terminal(name: str) -> str:
+    names = {
+        "NAME": "a name", "STRING": "a quoted pattern", "INT": "a number", "LPAR": "'('",
+        "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "__ANON_0": "'->'",
+        "$END": "end of file", "EQUAL": "'='", "DOT": "'.'",
+        "TARGET_KIND": "model_type|architecture",
+    }
+    if name in names:
+        return names[name]
+    if name.isupper() and not name.startswith("_"):
+        return name.lower()
+    return name
