@@ -24,6 +24,18 @@ SUFFIX_ROLES: frozenset[str] = frozenset({
 })
 
 
+def owns(tail: str, naming: NamingKind) -> bool:
+    """Whether a tensor rule's stem claims a key with this tail at all.
+
+    A module stem owns ``stem.*`` only: ``mlp.experts.gate_up_proj`` (a param) and
+    ``mlp.experts.gate_up_proj_bias`` (its sibling) are not tensors of a module stem
+    ``mlp.experts.gate_up_proj``, so a dense-MLP rule leaves the experts alone. Param and flat
+    stems own their suffix siblings, and dotted leaves too (which then must have a role)."""
+    if naming == "module":
+        return tail.startswith(".")
+    return tail != "" or naming == "param"
+
+
 def role_of(tail: str, naming: NamingKind) -> str | None:
     """The role a key plays in its stem, from what follows the stem; None if the naming has no
     place for it."""

@@ -15,7 +15,7 @@ from typing import Any
 from convlens.compiler import ops as O
 from convlens.compiler import plan as P
 from convlens.compiler.layout import RoleMeta, default_axes, detect_scheme
-from convlens.compiler.naming import key_for, role_of
+from convlens.compiler.naming import key_for, owns, role_of
 from convlens.compiler.program import Program, Rule
 from convlens.errors import ConversionError
 
@@ -161,7 +161,8 @@ def _tensor_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[
         hit = None
         for j, pat in enumerate(patterns):
             m = pat.match(key)
-            if m is not None and all(g.allows(m.captures) for g in rule.guards):
+            if (m is not None and owns(m.tail, rule.src.naming)
+                    and all(g.allows(m.captures) for g in rule.guards)):
                 hit = (j, m)
                 break
         if hit is None:

@@ -429,6 +429,11 @@ def _compile_op(op: ast.Op, streams: int, n_dst: int) -> O.Op:
         if a.name in values:
             raise RuleError(f"{op.name}: {a.name} given twice", span=a.span)
         values[a.name] = a.value
+    if cls in (O.Stack, O.Unstack):
+        cap = values.get("capture")
+        if not (isinstance(cap, ast.Ref) and len(cap.path) == 1):
+            raise RuleError(f"{op.name}: the first argument is a capture name, like "
+                            f"{op.name}(e, 0)", span=op.span)
     missing = [p for p in _REQUIRED[op.name] if p not in values]
     if missing:
         raise RuleError(f"{op.name} needs {', '.join(missing)}", span=op.span)
@@ -462,9 +467,7 @@ def _compile_op(op: ast.Op, streams: int, n_dst: int) -> O.Op:
 
     if cls in (O.Stack, O.Unstack):
         cap = values["capture"]
-        if not (isinstance(cap, ast.Ref) and len(cap.path) == 1):
-            raise RuleError(f"{op.name}: the first argument is a capture name, like "
-                            f"{op.name}(e, 0)", span=op.span)
+        assert isinstance(cap, ast.Ref)
         return cls(cap.path[0], dim("dim"), on=op.on, span=op.span)
     if cls is O.Concat:
         sz = sizes("sizes")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from convlens.compiler.naming import key_for, role_of
+from convlens.compiler.naming import key_for, owns, role_of
 from convlens.compiler.program import Program, Rule
 
 
@@ -68,6 +68,8 @@ def _step(rule: Rule, key: str) -> Step | str | None:
             if rule.kind == "restore":
                 return Step(rule, key, (key, new), m.captures, None)
             return Step(rule, key, (new,), m.captures, None)
+        if not owns(m.tail, rule.src.naming):
+            continue
         role = role_of(m.tail, rule.src.naming)
         if role is None:
             return f"{key!r} is not a tensor of {pat.text!r} under {rule.src.naming} naming"

@@ -15,7 +15,7 @@ def outline(node: object, indent: int = 0) -> str:
     scalars = []
     nested: list[tuple[str, object]] = []
     for f in dataclasses.fields(node):
-        if f.name in ("span", "path", "column"):
+        if f.name in ("span", "column") or (isinstance(node, ast.Conversion) and f.name == "path"):
             continue
         value = getattr(node, f.name)
         if isinstance(node, ast.Pattern) and f.name == "segments":

@@ -25,10 +25,8 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    t = t.contiguous()
-    if t.dim() == 0:
-        t = t.reshape(1)
-    return t.view(torch.uint8)
+    # A flat contiguous copy: size-1 dims may keep odd strides even when "contiguous".
+    return t.contiguous().reshape(-1).clone().view(torch.uint8)
 
 
 def execute(plan: P.Plan, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,22 @@
+"""Shared pytest configuration.
+
+Hypothesis runs derandomized under the ``ci`` profile (the default here), so the suite is
+reproducible and fast; select another profile with HYPOTHESIS_PROFILE=<name>.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=30,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, max_examples=30)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
