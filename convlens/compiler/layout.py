@@ -1,27 +1,39 @@
-"""Logical axes, role layouts and schemes.
+"""Logical axes, role layouts, schemes and scheme detection.
 
 A tensor rule is written against the *logical* tensor of a stem (its dequantized weight). Every
 logical axis has a name: ``out`` and ``in`` for a linear weight, the capture name (``e``) for an
-axis made by ``stack``, ``k1``, ``k2``... for the extra axes of a convolution kernel. Each role of a
-stem's scheme carries some of those axes, in the logical order; a role that does not carry an
-axis is *broadcast* along it (a bias along ``in``, a per-tensor scalar along everything).
+axis made by ``stack``, ``k1``, ``k2``... for the extra axes of a convolution kernel.
 
-The op table (:mod:`convlens.compiler.ops`) lifts each op to each role from the relation of the
-role to the axis the op acts on. This module says which axes each role carries; quantized schemes
-(packing, blocks) extend :class:`AxisKind`.
+A *scheme* (a storage format) is a set of roles. Each role stores some logical axes, each at a
+granularity: **plain** (one element per logical element), **packed** (P logical elements per
+storage element, with a codec and an element order) or **blocked** (one element per block of B
+logical elements, the last block possibly partial). A role without an axis for a logical axis
+is **broadcast** along it. The op table (:mod:`convlens.compiler.ops`) lifts every op to every
+role from that relation.
+
+A role instance knows its *canonical* layout (one :class:`AxisSpec` per physical dim) and,
+where the stored shape differs (``[ob, 1, ib, 1]``, gpt-oss ``[.., in/32, 16]``, ``[1]``), the
+*view* it was stored in, so that the output is stored the same way.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from convlens.compiler.plan import FLOAT_DTYPES, Shape
+from convlens.compiler.plan import Shape
 
-# How a role relates to a logical axis. "broadcast" means the role has no physical axis for it.
-Relation = Literal["plain", "broadcast"]
-RELATIONS: tuple[Relation, ...] = ("plain", "broadcast")
+AxisKind = Literal["plain", "packed", "blocked"]
+Relation = Literal["plain", "packed", "blocked", "broadcast"]
+RELATIONS: tuple[Relation, ...] = ("plain", "packed", "blocked", "broadcast")
+
+# Where element j of a storage unit sits, per named order (AWQ's GEMM interleave: nibble k holds
+# element [0, 2, 4, 6, 1, 3, 5, 7][k]).
+ORDERS: dict[str, tuple[int, ...] | None] = {"lo": None, "hi": None,
+                                             "awq": (0, 4, 1, 5, 2, 6, 3, 7)}
+CODECS = frozenset({"e2m1", "u4", "s4", "u4o8", "u8", "s8", "u8o128", "u2", "u3"})
 
 
 def default_axes(rank: int) -> tuple[str, ...]:
@@ -42,41 +54,124 @@ def is_contraction_axis(name: str) -> bool:
     return name == "in" or (name.startswith("k") and name[1:].isdigit())
 
 
+def is_stack_axis(name: str) -> bool:
+    return name != "out" and not is_contraction_axis(name)
+
+
 @dataclass(frozen=True)
-class RoleLayout:
-    """Which logical axes a role carries. ``vector``: all but the contraction axes (a bias)."""
+class AxisSpec:
+    """One physical axis of a role."""
 
     name: str
-    kind: Literal["full", "vector"]
+    kind: AxisKind = "plain"
+    factor: int = 1
+    codec: str | None = None
+    order: str = "lo"
 
-    def axes_for(self, logical: tuple[str, ...]) -> tuple[str, ...]:
+    def physical(self, logical: int) -> int:
+        return logical if self.kind == "plain" else -(-logical // self.factor)
+
+    def positions(self, bits: int) -> tuple[int, ...]:
+        """Bit offset of element j inside a storage unit."""
+        p = self.factor
+        named = ORDERS.get(self.order)
+        if self.order == "hi":
+            slots: tuple[int, ...] = tuple(range(p - 1, -1, -1))
+        elif named is not None:
+            slots = named
+        else:
+            slots = tuple(range(p))
+        return tuple(s * bits for s in slots)
+
+    def describe(self) -> str:
+        if self.kind == "plain":
+            return self.name
+        if self.kind == "blocked":
+            return f"{self.name}/{self.factor} block"
+        order = "" if self.order == "lo" else f" {self.order}"
+        return f"{self.name}/{self.factor} packed {self.codec}{order}"
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A stored dim of a view: a literal size or ceil(size of an axis / divisor)."""
+
+    axis: str | None
+    divisor: int = 1
+    literal: int | None = None
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """A role of a scheme.
+
+    ``kind``: ``tensor`` (explicit axes), ``full`` (all logical axes, plain: an unquantized
+    weight), ``vector`` (all but the contraction axes: a bias), ``shape`` (metadata holding the
+    logical shape, recomputed rather than moved).
+    """
+
+    name: str
+    dtype: str | None
+    kind: Literal["tensor", "full", "vector", "shape"] = "tensor"
+    axes: tuple[AxisSpec, ...] = ()
+    views: tuple[tuple[Dim, ...], ...] = ()
+    shared: bool = False  # broadcast along stacked axes: one value for all experts
+    optional: bool = False
+
+    def follows_logical_order(self) -> bool:
+        names = [a.name for a in self.axes]
+        canonical = [n for n in ("out", "in") if n in names]
+        return names == canonical or self.kind != "tensor"
+
+    def layout(self, logical: tuple[str, ...], stacked: bool) -> tuple[AxisSpec, ...]:
+        """The canonical physical axes of this role for a stem with these logical axes."""
         if self.kind == "full":
-            return logical
-        return tuple(a for a in logical if not is_contraction_axis(a))
-
-    def relation(self, axis: str, role_axes: tuple[str, ...]) -> Relation:
-        return "plain" if axis in role_axes else "broadcast"
+            return tuple(AxisSpec(a) for a in logical)
+        if self.kind == "vector":
+            return tuple(AxisSpec(a) for a in logical if not is_contraction_axis(a))
+        if self.kind == "shape":
+            return ()
+        by_name = {a.name: a for a in self.axes}
+        stack = [AxisSpec(a) for a in logical if is_stack_axis(a) and stacked]
+        if self.follows_logical_order():
+            out = []
+            for a in logical:
+                if a in by_name:
+                    out.append(by_name[a])
+                elif is_stack_axis(a) and stacked:
+                    out.append(AxisSpec(a))
+            return tuple(out)
+        return (*stack, *self.axes)
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """A storage format: its roles and their layouts. ``primary`` carries the logical tensor."""
+    """A storage format: its roles (the first carries the logical tensor), the config values
+    that point at it, and its reference dequantizer (plain data, see runtime/dequant.py)."""
 
     name: str
-    primary: str
-    roles: Mapping[str, RoleLayout]
+    roles: Mapping[str, RoleSpec]
+    detects: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    dequant: Any = None
+    path: str = "<builtin>"
 
-    def logical_shape(self, primary_shape: Shape) -> Shape:
-        return primary_shape
+    @property
+    def primary(self) -> str:
+        return next(iter(self.roles))
+
+    @property
+    def quantized(self) -> bool:
+        return self.name != "plain"
+
+    def hinted_by(self, hints: frozenset[str]) -> bool:
+        return any(values & hints for values in self.detects.values())
 
 
 PLAIN = Scheme(
     name="plain",
-    primary="weight",
-    roles={"weight": RoleLayout("weight", "full"), "bias": RoleLayout("bias", "vector")},
+    roles={"weight": RoleSpec("weight", None, "full"),
+           "bias": RoleSpec("bias", None, "vector", optional=True)},
 )
-
-SCHEMES: tuple[Scheme, ...] = (PLAIN,)
 
 
 @dataclass(frozen=True)
@@ -85,32 +180,182 @@ class RoleMeta:
     dtype: str
 
 
-def detect_scheme(roles: Mapping[str, RoleMeta], axes: tuple[str, ...]) -> Scheme | str:
-    """The scheme whose roles fit the tensors of one stem, or a reason why none does."""
+@dataclass(frozen=True)
+class RoleFit:
+    """How one role instance is stored: its canonical axes and the view index (or None)."""
+
+    layout: tuple[AxisSpec, ...]
+    view: int | None
+    canonical: Shape
+
+
+@dataclass(frozen=True)
+class Detected:
+    scheme: Scheme
+    axes: tuple[str, ...]
+    shape: Shape  # logical
+    roles: Mapping[str, RoleFit]
+
+
+def logical_sizes(axes: tuple[str, ...], shape: Shape) -> dict[str, int]:
+    return dict(zip(axes, shape, strict=True))
+
+
+def view_shape(view: tuple[Dim, ...], sizes: Mapping[str, int]) -> Shape:
+    return tuple(d.literal if d.literal is not None or d.axis is None
+                 else -(-sizes[d.axis] // d.divisor) for d in view)  # type: ignore[misc]
+
+
+def canonical_from_view(view: tuple[Dim, ...], stored: Shape, lead: int, n_axes: int
+                        ) -> Shape | None:
+    """Undo a view: group each literal dim with the axis dim before it."""
+    body = stored[lead:]
+    if len(body) != len(view):
+        return None
+    groups: list[int] = []
+    scalar = 1
+    for d, size in zip(view, body, strict=True):
+        if d.axis is None:
+            if groups:
+                groups[-1] *= size
+            else:
+                scalar *= size
+        else:
+            groups.append(size * (scalar if not groups else 1))
+    if not any(d.axis for d in view):
+        groups = [1] * n_axes  # a scalar-stored block scale: every canonical dim is one block
+        if math.prod(body) != 1:
+            return None
+    if len(groups) != n_axes:
+        return None
+    return tuple(stored[:lead]) + tuple(groups)
+
+
+def fit_role(spec: RoleSpec, meta: RoleMeta, logical: tuple[str, ...], sizes: Mapping[str, int]
+             ) -> RoleFit | str:
+    """How ``meta`` stores ``spec`` for this logical tensor, or why it does not."""
+    if spec.dtype is not None and meta.dtype != spec.dtype:
+        return f"{spec.name} is {meta.dtype}, the scheme stores {spec.dtype}"
+    if spec.kind == "shape":
+        if meta.shape != (len(logical),):
+            return f"{spec.name} has shape {list(meta.shape)}, expected [{len(logical)}]"
+        return RoleFit((), None, meta.shape)
+    tried = []
+    options = (True, False) if spec.shared else (True,)
+    for stacked in options:
+        layout = spec.layout(logical, stacked)
+        want = tuple(ax.physical(sizes[ax.name]) for ax in layout)
+        tried.append(want)
+        if meta.shape == want:
+            return RoleFit(layout, None, want)
+        own = {a.name for a in spec.axes}
+        lead = 0
+        while lead < len(layout) and layout[lead].name not in own:
+            lead += 1
+        for i, view in enumerate(spec.views):
+            canon = canonical_from_view(view, meta.shape, lead, len(layout) - lead)
+            if canon == want:
+                return RoleFit(layout, i, want)
+    expected = " or ".join(str(list(t)) for t in tried)
+    return f"{spec.name} has shape {list(meta.shape)}, expected {expected}"
+
+
+def detect(schemes: tuple[Scheme, ...], roles: Mapping[str, RoleMeta],
+           declared: tuple[str, ...] | None, hints: frozenset[str] = frozenset()
+           ) -> Detected | str:
+    """The scheme whose roles fit the tensors of one stem, or the reasons none does.
+
+    Schemes named by ``hints`` (values from the checkpoint's quantization config) are tried
+    first; the first scheme that fits every present role wins."""
     names = set(roles)
-    for scheme in SCHEMES:
-        if scheme.primary not in names or not names <= set(scheme.roles):
+    reasons: list[str] = []
+    ordered = sorted(schemes, key=lambda s: not s.hinted_by(hints))
+    for scheme in ordered:
+        if not names <= set(scheme.roles):
             continue
-        primary = roles[scheme.primary]
-        if len(primary.shape) != len(axes):
-            return (f"{scheme.primary} has {len(primary.shape)} dims but the endpoint declares "
-                    f"axes ({', '.join(axes)})")
-        logical = dict(zip(axes, scheme.logical_shape(primary.shape), strict=True))
-        for role, meta in roles.items():
-            want = tuple(logical[a] for a in scheme.roles[role].axes_for(axes))
-            if meta.shape != want:
-                return (f"{role} has shape {list(meta.shape)}, expected {list(want)} for "
-                        f"{scheme.name}")
-        return scheme
-    known = sorted({r for s in SCHEMES for r in s.roles})
-    quantized = sorted(names - set(known))
-    if quantized:
-        return (f"tensors with roles {quantized} fit no known scheme (known roles: "
-                f"{', '.join(known)})")
-    if "weight" not in names:
-        return f"no weight among roles {sorted(names)}"
+        required = {r for r, spec in scheme.roles.items() if not spec.optional}
+        if not required <= names:
+            reasons.append(f"{scheme.name}: missing {sorted(required - names)}")
+            continue
+        fit = _fit(scheme, roles, declared)
+        if isinstance(fit, str):
+            reasons.append(f"{scheme.name}: {fit}")
+            continue
+        return fit
+    known = sorted({r for s in schemes for r in s.roles})
+    unknown = sorted(names - set(known))
+    if unknown:
+        return (f"tensors with roles {unknown} fit no known scheme (roles {sorted(names)}; "
+                "known roles: " + ", ".join(known) + ")")
+    if reasons:
+        return "no scheme fits: " + "; ".join(reasons[:4])
     return f"roles {sorted(names)} fit no known scheme"
 
 
-def is_float(dtype: str) -> bool:
-    return dtype in FLOAT_DTYPES
+def _fit(scheme: Scheme, roles: Mapping[str, RoleMeta], declared: tuple[str, ...] | None
+         ) -> Detected | str:
+    primary = scheme.roles[scheme.primary]
+    pmeta = roles[scheme.primary]
+    options: list[tuple[tuple[str, ...], Shape]]
+    if primary.kind == "full":
+        rank = len(pmeta.shape)
+        axes = declared if declared is not None else default_axes(rank)
+        if len(axes) != rank:
+            return (f"{scheme.primary} has {rank} dims but the endpoint declares axes "
+                    f"({', '.join(axes)})")
+        options = [(axes, pmeta.shape)]
+    else:
+        if primary.dtype is not None and pmeta.dtype != primary.dtype:
+            return f"{primary.name} is {pmeta.dtype}, the scheme stores {primary.dtype}"
+        options = list(_primary_options(primary, pmeta, declared))
+        if not options:
+            return (f"{primary.name} has shape {list(pmeta.shape)}, which no layout of the "
+                    "scheme explains")
+    reason = ""
+    for axes, shape in options:
+        sizes = logical_sizes(axes, shape)
+        fits: dict[str, RoleFit] = {}
+        for name, meta in roles.items():
+            fit = fit_role(scheme.roles[name], meta, axes, sizes)
+            if isinstance(fit, str):
+                reason = fit
+                break
+            fits[name] = fit
+        else:
+            return Detected(scheme, axes, shape, fits)
+    return reason
+
+
+def _primary_options(spec: RoleSpec, meta: RoleMeta, declared: tuple[str, ...] | None
+                     ) -> list[tuple[tuple[str, ...], Shape]]:
+    """Logical axes and shapes that the primary role of a quantized scheme could stand for:
+    stored views first, then the stored shape as canonical."""
+    candidates: list[Shape] = []
+    for view in spec.views:
+        n_lead = len(meta.shape) - len(view)
+        if n_lead >= 0:
+            canon = canonical_from_view(view, meta.shape, n_lead, len(spec.axes))
+            if canon is not None:
+                candidates.append(canon)
+    candidates.append(meta.shape)
+    out = []
+    for canon in candidates:
+        n_stack = len(canon) - len(spec.axes)
+        if n_stack < 0:
+            continue
+        if declared is not None:
+            axes = declared
+        elif n_stack:
+            axes = (*("e" if i == 0 else f"e{i}" for i in range(n_stack)), "out", "in")
+        else:
+            axes = ("out", "in")
+        layout = spec.layout(axes, True)
+        if len(layout) != len(canon):
+            continue
+        sizes: dict[str, int] = {}
+        for ax, d in zip(layout, canon, strict=True):
+            sizes[ax.name] = d * ax.factor if ax.kind == "packed" else d
+        if set(sizes) != set(axes):
+            continue
+        out.append((axes, tuple(sizes[a] for a in axes)))
+    return out

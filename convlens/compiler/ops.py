@@ -4,7 +4,7 @@ An op works on *streams*: the values flowing through a tensor rule. A fuse start
 per source pattern, each a family of stems indexed by the captures still to be stacked; a split
 ends with one stream per destination pattern. Every op is written once against the logical tensor
 and lifted to every role of the stem's scheme through :data:`LIFT`, keyed by (op, relation of the
-role to the axis the op acts on).
+role to the axis the op acts on: plain, packed, blocked or broadcast).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from convlens.compiler import plan as P
-from convlens.compiler.layout import RELATIONS, Relation, Scheme
+from convlens.compiler.layout import RELATIONS, AxisSpec, Relation, RoleSpec, Scheme
 from convlens.dsl import ast
 from convlens.errors import ConversionError, RuleError, Span
 
@@ -24,8 +24,30 @@ from convlens.errors import ConversionError, RuleError, Span
 
 @dataclass(frozen=True)
 class RoleValue:
+    """One role of one stem: its plan node in canonical layout (one AxisSpec per dim)."""
+
     node: P.Node
-    axes: tuple[str, ...]  # the logical axis each physical dim carries
+    layout: tuple[AxisSpec, ...]
+    spec: RoleSpec
+    view: int | None = None
+    key: str = ""  # an input key it came from, for messages
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.layout)
+
+    def find(self, axis: str) -> tuple[int, AxisSpec] | None:
+        for i, a in enumerate(self.layout):
+            if a.name == axis:
+                return i, a
+        return None
+
+    def relation(self, axis: str) -> Relation:
+        hit = self.find(axis)
+        return "broadcast" if hit is None else hit[1].kind
+
+    def with_node(self, node: P.Node, layout: tuple[AxisSpec, ...] | None = None) -> RoleValue:
+        return replace(self, node=node, layout=self.layout if layout is None else layout)
 
 
 @dataclass(frozen=True)
@@ -71,7 +93,7 @@ class OpContext:
 
 
 def eval_expr(expr: ast.Expr, config: Mapping[str, Any], ctx: OpContext | None = None) -> int:
-    def fail(msg: str) -> ConvlensErrorT:
+    def fail(msg: str) -> ConversionError:
         if ctx is not None:
             return ctx.fail(msg)
         return ConversionError(msg, span=getattr(expr, "span", None))
@@ -95,7 +117,8 @@ def eval_expr(expr: ast.Expr, config: Mapping[str, Any], ctx: OpContext | None =
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail(f"{'.'.join(expr.path)} is {value!r}, not an integer")
         return value
-    assert isinstance(expr, ast.BinOp)
+    if isinstance(expr, ast.Call):
+        raise fail(f"{expr.func}(...) is not a size expression")
     a = eval_expr(expr.left, config, ctx)
     b = eval_expr(expr.right, config, ctx)
     if expr.op == "+":
@@ -107,9 +130,6 @@ def eval_expr(expr: ast.Expr, config: Mapping[str, Any], ctx: OpContext | None =
     if b == 0:
         raise fail("division by zero in a size expression")
     return a // b
-
-
-ConvlensErrorT = ConversionError
 
 
 # --- node builders (shapes computed here, once) -------------------------------------------------
@@ -165,7 +185,81 @@ def n_same(args: list[P.Node], origin: int) -> P.Node:
     return P.Same(tuple(unique), unique[0].shape, unique[0].dtype, origin)
 
 
+def n_take(arg: P.Node, dim: int, indices: tuple[int, ...], origin: int) -> P.Node:
+    if indices == tuple(range(arg.shape[dim])):
+        return arg
+    s = arg.shape
+    return P.Take(arg, dim, indices, s[:dim] + (len(indices),) + s[dim + 1:], arg.dtype, origin)
+
+
+STORAGE_BITS = {"U8": 8, "I8": 8, "I16": 16, "U16": 16, "I32": 32, "U32": 32, "I64": 64}
+
+
+def n_unpack(arg: P.Node, dim: int, ax: AxisSpec, origin: int) -> P.Node:
+    bits = STORAGE_BITS[arg.dtype] // ax.factor
+    s = arg.shape
+    shape = s[:dim] + (s[dim] * ax.factor,) + s[dim + 1:]
+    return P.Unpack(arg, dim, ax.factor, bits, ax.positions(bits), shape, "I32", origin)
+
+
+def n_pack(arg: P.Node, dim: int, ax: AxisSpec, dtype: str, origin: int) -> P.Node:
+    if isinstance(arg, P.Unpack) and arg.dim == dim and arg.factor == ax.factor:
+        return arg.arg  # pack(unpack(x)) is x
+    bits = STORAGE_BITS[dtype] // ax.factor
+    s = arg.shape
+    shape = s[:dim] + (s[dim] // ax.factor,) + s[dim + 1:]
+    return P.Pack(arg, dim, ax.factor, bits, ax.positions(bits), shape, dtype, origin)
+
+
 # --- the ops ----------------------------------------------------------------------------------
+
+
+def _roles_alike(ctx: OpContext, values: list[StemValue], what: str) -> None:
+    first = values[0]
+    for v in values[1:]:
+        if set(v.roles) != set(first.roles):
+            raise ctx.fail(f"{what}: parts have different tensors: {sorted(first.roles)} "
+                           f"({first.keys[0]}) vs {sorted(v.roles)} ({v.keys[0]})")
+        if v.scheme != first.scheme:
+            raise ctx.fail(f"{what}: parts have different schemes: {first.scheme.name} "
+                           f"({first.keys[0]}) vs {v.scheme.name} ({v.keys[0]})")
+        if v.axes != first.axes:
+            raise ctx.fail(f"{what}: parts have different axes {first.axes} vs {v.axes}")
+        for role, rv in v.roles.items():
+            other = first.roles[role]
+            if rv.node.dtype != other.node.dtype:
+                raise ctx.fail(f"{what}: {role} dtypes differ: {other.node.dtype} "
+                               f"vs {rv.node.dtype}", role=role, key=v.keys[0])
+            if rv.layout != other.layout:
+                raise ctx.fail(f"{what}: {role} is stored differently in the parts: "
+                               f"{_layout_text(other.layout)} vs {_layout_text(rv.layout)}",
+                               role=role, key=rv.key)
+
+
+def _layout_text(layout: tuple[AxisSpec, ...]) -> str:
+    return "[" + ", ".join(a.describe() for a in layout) + "]"
+
+
+def _lift(op: Op, parts: list[StemValue], role: str, axis: str, ctx: OpContext,
+          **kw: Any) -> list[RoleValue]:
+    values = [p.roles[role] for p in parts]
+    relation = op.relation_of(values[0], axis)
+    fn = LIFT.get((type(op), relation))
+    if fn is None:  # pragma: no cover - the completeness test forbids this
+        raise ctx.fail(f"no lifting of {op.name} for a {relation} role", role=role)
+    return fn(op, values, axis, ctx, **kw)
+
+
+def _rebuild(template: StemValue, axes: tuple[str, ...], shape: P.Shape,
+             roles: dict[str, RoleValue], keys: tuple[str, ...]) -> StemValue:
+    return StemValue(template.scheme, axes, shape, roles, keys)
+
+
+def _reorder(rv: RoleValue, logical: tuple[str, ...]) -> tuple[AxisSpec, ...]:
+    """A role's axes in a new logical order (roles with a fixed order keep theirs)."""
+    if not rv.spec.follows_logical_order():
+        return rv.layout
+    return tuple(sorted(rv.layout, key=lambda a: logical.index(a.name)))
 
 
 @dataclass(frozen=True)
@@ -183,6 +277,9 @@ class Op:
 
     def apply(self, streams: list[Stream], ctx: OpContext) -> list[Stream]:
         raise NotImplementedError
+
+    def relation_of(self, rv: RoleValue, axis: str) -> Relation:
+        return rv.relation(axis)
 
     def describe(self) -> str:
         return f"{self.name}({', '.join(self._args())})" + (
@@ -211,42 +308,6 @@ def _check_dim(ctx: OpContext, op: Op, dim: int, rank: int, extra: int = 0) -> N
         raise ctx.fail(f"{op.describe()}: dim {dim} is out of range for a {rank}-d tensor")
 
 
-def _roles_alike(ctx: OpContext, values: list[StemValue], what: str) -> None:
-    first = values[0]
-    for v in values[1:]:
-        if set(v.roles) != set(first.roles):
-            raise ctx.fail(f"{what}: parts have different tensors: {sorted(first.roles)} "
-                           f"({first.keys[0]}) vs {sorted(v.roles)} ({v.keys[0]})")
-        if v.scheme != first.scheme:
-            raise ctx.fail(f"{what}: parts have different schemes: {first.scheme.name} "
-                           f"({first.keys[0]}) vs {v.scheme.name} ({v.keys[0]})")
-        if v.axes != first.axes:
-            raise ctx.fail(f"{what}: parts have different axes {first.axes} vs {v.axes}")
-        for role, rv in v.roles.items():
-            if rv.node.dtype != first.roles[role].node.dtype:
-                raise ctx.fail(f"{what}: {role} dtypes differ: {first.roles[role].node.dtype} "
-                               f"vs {rv.node.dtype}", role=role, key=v.keys[0])
-
-
-def _relation(value: StemValue, role: str, axis: str) -> Relation:
-    layout = value.scheme.roles[role]
-    return layout.relation(axis, value.roles[role].axes)
-
-
-def _lift(op: Op, parts: list[StemValue], role: str, axis: str, ctx: OpContext,
-          **kw: Any) -> list[RoleValue]:
-    relation = _relation(parts[0], role, axis)
-    fn = LIFT.get((type(op), relation))
-    if fn is None:  # pragma: no cover - the completeness test forbids this
-        raise ctx.fail(f"no lifting of {op.name} for a {relation} role", role=role)
-    return fn(op, [p.roles[role] for p in parts], axis, ctx, **kw)
-
-
-def _rebuild(template: StemValue, axes: tuple[str, ...], shape: P.Shape,
-             roles: dict[str, RoleValue], keys: tuple[str, ...]) -> StemValue:
-    return StemValue(template.scheme, axes, shape, roles, keys)
-
-
 @dataclass(frozen=True)
 class Stack(Op):
     """Stack a family over an integer capture at ``dim``; expert ``e`` lands at index ``e``."""
@@ -257,6 +318,10 @@ class Stack(Op):
 
     def _args(self) -> list[str]:
         return [self.capture, str(self.dim)]
+
+    def relation_of(self, rv: RoleValue, axis: str) -> Relation:
+        # The new axis is plain for every role, except roles shared by all experts.
+        return "broadcast" if rv.spec.shared else "plain"
 
     def simulate(self, families: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
         for fam in families:
@@ -286,7 +351,7 @@ class Stack(Op):
                 members[rkey] = self._stack(parts, ctx)
             out.append(Stream(st.label, rest, members))
         # Parts stacked side by side (gate and up experts) must agree on the count.
-        counts = {len(s.members) and next(iter(s.members.values())).shape[self.dim] for s in out}
+        counts = {next(iter(s.members.values())).shape[self.dim] for s in out if s.members}
         if len(counts) > 1:
             detail = ", ".join(f"{s.label!r}: {next(iter(s.members.values())).shape[self.dim]}"
                                for s in out)
@@ -304,11 +369,8 @@ class Stack(Op):
                                key=p.keys[0])
         axes = first.axes[: self.dim] + (self.capture,) + first.axes[self.dim:]
         shape = first.shape[: self.dim] + (len(parts),) + first.shape[self.dim:]
-        roles = {}
-        for role in first.roles:
-            layout = first.scheme.roles[role]
-            new_axes = layout.axes_for(axes)
-            roles[role] = _lift(self, parts, role, self.capture, ctx, new_axes=new_axes)[0]
+        roles = {role: _lift(self, parts, role, self.capture, ctx, logical=axes)[0]
+                 for role in first.roles}
         return _rebuild(first, axes, shape, roles, tuple(k for p in parts for k in p.keys))
 
 
@@ -478,9 +540,11 @@ class Interleave(Op):
                 raise ctx.fail(f"interleave({self.dim}): parts must have equal shapes: "
                                f"{list(first.shape)} vs {list(p.shape)}", key=p.keys[0])
         axis = first.axes[self.dim]
-        shape = (first.shape[: self.dim] + (first.shape[self.dim] * len(parts),)
-                 + first.shape[self.dim + 1:])
-        roles = {role: _lift(self, parts, role, axis, ctx)[0] for role in first.roles}
+        n = first.shape[self.dim]
+        k = len(parts)
+        shape = first.shape[: self.dim] + (n * k,) + first.shape[self.dim + 1:]
+        perm = tuple((r % k) * n + r // k for r in range(n * k))
+        roles = {role: _lift(self, parts, role, axis, ctx, perm=perm)[0] for role in first.roles}
         value = _rebuild(first, first.axes, shape, roles, tuple(k for p in parts for k in p.keys))
         return [Stream("~".join(s.label for s in streams), (), {(): value})]
 
@@ -505,15 +569,18 @@ class Deinterleave(Op):
         v = streams[0].single(ctx, "deinterleave")
         _check_dim(ctx, self, self.dim, len(v.axes))
         total = v.shape[self.dim]
-        if total % self.parts:
-            raise ctx.fail(f"deinterleave({self.dim}) into {self.parts}: dim {self.dim} has "
-                           f"{total}, not a multiple of {self.parts}", key=v.keys[0])
+        k = self.parts
+        if total % k:
+            raise ctx.fail(f"deinterleave({self.dim}) into {k}: dim {self.dim} has "
+                           f"{total}, not a multiple of {k}", key=v.keys[0])
+        n = total // k
         axis = v.axes[self.dim]
-        per_role = {role: _lift(self, [v], role, axis, ctx) for role in v.roles}
-        shape = v.shape[: self.dim] + (total // self.parts,) + v.shape[self.dim + 1:]
+        perm = tuple((r % n) * k + r // n for r in range(total))  # part-major rows
+        per_role = {role: _lift(self, [v], role, axis, ctx, perm=perm) for role in v.roles}
+        shape = v.shape[: self.dim] + (n,) + v.shape[self.dim + 1:]
         return [Stream(f"part {j}", (), {(): _rebuild(
             v, v.axes, shape, {r: vals[j] for r, vals in per_role.items()}, v.keys)})
-            for j in range(self.parts)]
+            for j in range(k)]
 
 
 class _PerTensor(Op):
@@ -543,7 +610,8 @@ class _PerTensor(Op):
 
 @dataclass(frozen=True)
 class Transpose(_PerTensor):
-    """Swap two logical axes. Every role keeps its axes in the logical order."""
+    """Swap two logical axes. Every role keeps its axes in the logical order, so packing and
+    blocks stay with their axis (a packed ``[E, in/2, out]`` tensor is a legal byte transpose)."""
 
     name: ClassVar[str] = "transpose"
     dim0: int
@@ -559,11 +627,26 @@ class Transpose(_PerTensor):
         order[self.dim0], order[self.dim1] = order[self.dim1], order[self.dim0]
         axes = tuple(v.axes[i] for i in order)
         shape = tuple(v.shape[i] for i in order)
-        roles = {}
-        for role in v.roles:
-            new_axes = v.scheme.roles[role].axes_for(axes)
-            roles[role] = _lift(self, [v], role, v.axes[self.dim0], ctx, new_axes=new_axes)[0]
+        roles = {role: _lift(self, [v], role, v.axes[self.dim0], ctx, logical=axes)[0]
+                 for role in v.roles}
         return _rebuild(v, axes, shape, roles, v.keys)
+
+
+def rope_perm(n: int, heads: int, inverse: bool) -> tuple[int, ...]:
+    """out[i] = in[perm[i]] for rope_permute on n rows (interleaved pairs -> rotate-half)."""
+    per = n // heads
+    half = per // 2
+    perm = [0] * n
+    for h in range(heads):
+        for s in range(half):
+            for t in range(2):
+                interleaved = h * per + s * 2 + t
+                rotate_half = h * per + t * half + s
+                if inverse:
+                    perm[interleaved] = rotate_half
+                else:
+                    perm[rotate_half] = interleaved
+    return tuple(perm)
 
 
 @dataclass(frozen=True)
@@ -587,7 +670,9 @@ class RopePermute(_PerTensor):
             raise ctx.fail(f"{self.name}: dim {self.dim} has {n} rows, not a multiple of "
                            f"2 x {heads} heads", key=v.keys[0])
         axis = v.axes[self.dim]
-        roles = {role: _lift(self, [v], role, axis, ctx, heads=heads)[0] for role in v.roles}
+        perm = rope_perm(n, heads, self.inverse)
+        roles = {role: _lift(self, [v], role, axis, ctx, heads=heads, perm=perm)[0]
+                 for role in v.roles}
         return _rebuild(v, v.axes, v.shape, roles, v.keys)
 
 
@@ -602,7 +687,7 @@ class RopeUnpermute(RopePermute):
 @dataclass(frozen=True)
 class Flatten(_PerTensor):
     """Merge dims ``dim .. dim+len(sizes)-1`` (which must have these sizes) into one: a Conv3d
-    kernel ``[out, C, kt, kh, kw]`` -> a Linear ``[out, C*kt*kh*kw]``."""
+    kernel ``[out, C, kt, kh, kw]`` -> a Linear ``[out, C*kt*kh*kw]``. Dense roles only."""
 
     name: ClassVar[str] = "flatten"
     dim: int
@@ -620,11 +705,8 @@ class Flatten(_PerTensor):
         merged = v.axes[self.dim:end]
         axes = v.axes[: self.dim] + (v.axes[self.dim],) + v.axes[end:]
         shape = v.shape[: self.dim] + (math.prod(sizes),) + v.shape[end:]
-        roles = {}
-        for role in v.roles:
-            new_axes = v.scheme.roles[role].axes_for(axes)
-            roles[role] = _lift(self, [v], role, v.axes[self.dim], ctx, merged=merged,
-                                new_axes=new_axes, logical_shape=shape, logical_axes=axes)[0]
+        roles = {role: _lift(self, [v], role, v.axes[self.dim], ctx, merged=merged,
+                             logical_shape=shape, logical_axes=axes)[0] for role in v.roles}
         return _rebuild(v, axes, shape, roles, v.keys)
 
 
@@ -654,12 +736,9 @@ class Unflatten(_PerTensor):
             i += 1
         axes = v.axes[: self.dim] + (v.axes[self.dim], *fresh) + v.axes[self.dim + 1:]
         shape = v.shape[: self.dim] + tuple(sizes) + v.shape[self.dim + 1:]
-        roles = {}
-        for role in v.roles:
-            new_axes = v.scheme.roles[role].axes_for(axes)
-            roles[role] = _lift(self, [v], role, v.axes[self.dim], ctx, merged=axes[
-                self.dim:self.dim + len(sizes)], new_axes=new_axes, logical_shape=shape,
-                logical_axes=axes)[0]
+        merged = axes[self.dim:self.dim + len(sizes)]
+        roles = {role: _lift(self, [v], role, v.axes[self.dim], ctx, merged=merged,
+                             logical_shape=shape, logical_axes=axes)[0] for role in v.roles}
         return _rebuild(v, axes, shape, roles, v.keys)
 
 
@@ -700,22 +779,50 @@ def invert(op: Op) -> Op:
 LiftFn = Callable[..., list[RoleValue]]
 
 
-def _pos(rv: RoleValue, axis: str) -> int:
-    return rv.axes.index(axis)
+def _pos(rv: RoleValue, axis: str) -> tuple[int, AxisSpec]:
+    hit = rv.find(axis)
+    assert hit is not None
+    return hit
+
+
+def _unit(ax: AxisSpec) -> str:
+    return "packs" if ax.kind == "packed" else "stores one value per block of"
+
+
+def _aligned(ctx: OpContext, op: Op, rv: RoleValue, ax: AxisSpec, widths: list[int],
+             what: str) -> None:
+    """Every boundary between parts must fall on a whole packing unit or block; a last part
+    may end inside one (a ceil-sized last block)."""
+    at = 0
+    for w in widths[:-1]:
+        at += w
+        if at % ax.factor:
+            raise ctx.fail(
+                f"{op.name}({what}) at {ax.name} = {at}: role {rv.spec.name} {_unit(ax)} "
+                f"{ax.factor} {ax.name} values, and {at} is not a multiple of {ax.factor}",
+                role=rv.spec.name, key=rv.key)
 
 
 def _lift_stack(op: Stack, parts: list[RoleValue], axis: str, ctx: OpContext, *,
-                new_axes: tuple[str, ...]) -> list[RoleValue]:
-    pos = new_axes.index(axis)
-    return [RoleValue(n_stack([p.node for p in parts], pos, ctx.origin), new_axes)]
+                logical: tuple[str, ...]) -> list[RoleValue]:
+    rv = parts[0]
+    new = AxisSpec(axis)
+    where = logical.index(axis)
+    if rv.spec.follows_logical_order():
+        pos = sum(1 for a in rv.layout if logical.index(a.name) < where)
+    else:
+        pos = sum(1 for a in rv.layout if a.name not in {x.name for x in rv.spec.axes}
+                  and logical.index(a.name) < where)
+    layout = rv.layout[:pos] + (new,) + rv.layout[pos:]
+    return [rv.with_node(n_stack([p.node for p in parts], pos, ctx.origin), layout)]
 
 
 def _lift_unstack(op: Unstack, parts: list[RoleValue], axis: str, ctx: OpContext, *,
                   count: int) -> list[RoleValue]:
     rv = parts[0]
-    pos = _pos(rv, axis)
-    axes = rv.axes[:pos] + rv.axes[pos + 1:]
-    return [RoleValue(n_select(rv.node, pos, i, ctx.origin), axes) for i in range(count)]
+    pos, _ = _pos(rv, axis)
+    layout = rv.layout[:pos] + rv.layout[pos + 1:]
+    return [rv.with_node(n_select(rv.node, pos, i, ctx.origin), layout) for i in range(count)]
 
 
 def _duplicate(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, *,
@@ -732,55 +839,124 @@ def op_parts(op: Op) -> int:
 def _keep_one(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, **_: Any
               ) -> list[RoleValue]:
     # The role has no axis for the parts to differ along: they must be the same tensor, kept once.
-    return [RoleValue(n_same([p.node for p in parts], ctx.origin), parts[0].axes)]
+    return [parts[0].with_node(n_same([p.node for p in parts], ctx.origin))]
 
 
 def _lift_concat(op: Concat, parts: list[RoleValue], axis: str, ctx: OpContext, *,
                  widths: list[int]) -> list[RoleValue]:
-    pos = _pos(parts[0], axis)
-    return [RoleValue(n_cat([p.node for p in parts], pos, ctx.origin), parts[0].axes)]
+    pos, ax = _pos(parts[0], axis)
+    if ax.kind != "plain":
+        _aligned(ctx, op, parts[0], ax, widths, str(op.dim))
+    return [parts[0].with_node(n_cat([p.node for p in parts], pos, ctx.origin))]
 
 
 def _lift_split(op: Split, parts: list[RoleValue], axis: str, ctx: OpContext, *,
                 widths: list[int]) -> list[RoleValue]:
     rv = parts[0]
-    pos = _pos(rv, axis)
+    pos, ax = _pos(rv, axis)
+    if ax.kind != "plain":
+        _aligned(ctx, op, rv, ax, widths, str(op.dim))
     out, start = [], 0
+    total = rv.node.shape[pos]
     for w in widths:
-        out.append(RoleValue(n_slice(rv.node, pos, start, start + w, 1, ctx.origin), rv.axes))
+        lo = start // ax.factor if ax.kind != "plain" else start
         start += w
+        hi = min(-(-start // ax.factor), total) if ax.kind != "plain" else start
+        out.append(rv.with_node(n_slice(rv.node, pos, lo, hi, 1, ctx.origin)))
     return out
 
 
-def _lift_interleave(op: Interleave, parts: list[RoleValue], axis: str, ctx: OpContext
-                     ) -> list[RoleValue]:
-    pos = _pos(parts[0], axis)
+def _permute_rows(node: P.Node, pos: int, perm: tuple[int, ...], origin: int) -> P.Node:
+    return n_take(node, pos, perm, origin)
+
+
+def _lift_interleave(op: Interleave, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+                     perm: tuple[int, ...]) -> list[RoleValue]:
+    pos, _ = _pos(parts[0], axis)
     stacked = n_stack([p.node for p in parts], pos + 1, ctx.origin)
     s = parts[0].node.shape
     shape = s[:pos] + (s[pos] * len(parts),) + s[pos + 1:]
-    return [RoleValue(n_reshape(stacked, shape, ctx.origin), parts[0].axes)]
+    return [parts[0].with_node(n_reshape(stacked, shape, ctx.origin))]
 
 
-def _lift_deinterleave(op: Deinterleave, parts: list[RoleValue], axis: str, ctx: OpContext
-                       ) -> list[RoleValue]:
+def _lift_deinterleave(op: Deinterleave, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+                       perm: tuple[int, ...]) -> list[RoleValue]:
     rv = parts[0]
-    pos = _pos(rv, axis)
+    pos, _ = _pos(rv, axis)
     n = rv.node.shape[pos]
-    return [RoleValue(n_slice(rv.node, pos, j, n, op.parts, ctx.origin), rv.axes)
+    return [rv.with_node(n_slice(rv.node, pos, j, n, op.parts, ctx.origin))
             for j in range(op.parts)]
 
 
-def _lift_reorder(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, *,
-                  new_axes: tuple[str, ...]) -> list[RoleValue]:
+def _via_codes(plain: LiftFn) -> LiftFn:
+    """Lift a row permutation on a packed axis: unpack to one code per element, permute,
+    repack. Bit-exact: the codes are the stored bits."""
+
+    def lift(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, **kw: Any
+             ) -> list[RoleValue]:
+        pos, ax = _pos(parts[0], axis)
+        dtype = parts[0].node.dtype
+        unpacked = [p.with_node(n_unpack(p.node, pos, ax, ctx.origin),
+                                p.layout[:pos] + (AxisSpec(axis),) + p.layout[pos + 1:])
+                    for p in parts]
+        out = plain(op, unpacked, axis, ctx, **kw)
+        return [o.with_node(n_pack(o.node, pos, ax, dtype, ctx.origin), parts[0].layout)
+                for o in out]
+
+    return lift
+
+
+def block_permutation(perm: tuple[int, ...], block: int) -> tuple[int, ...] | None:
+    """If ``perm`` (out row -> in row) moves whole blocks of ``block`` rows onto whole blocks,
+    the block-level permutation; else None."""
+    n = len(perm)
+    if n % block:
+        return None
+    out = []
+    for j in range(n // block):
+        rows = perm[j * block:(j + 1) * block]
+        k = rows[0] // block
+        if {r // block for r in rows} != {k}:
+            return None
+        out.append(k)
+    return tuple(out)
+
+
+def _blocked_permutation(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+                         perm: tuple[int, ...], **_: Any) -> list[RoleValue]:
+    """Row permutations on a blocked axis: only where whole blocks move to whole blocks (the
+    scales then move with them); anything else would need requantizing."""
     rv = parts[0]
-    dims = tuple(rv.axes.index(a) for a in new_axes)
-    return [RoleValue(n_permute(rv.node, dims, ctx.origin), new_axes)]
+    pos, ax = _pos(rv, axis)
+    blocks = block_permutation(perm, ax.factor)
+    if blocks is None:
+        raise ctx.fail(
+            f"{op.describe()} moves rows across blocks of {ax.factor} along {axis}, and role "
+            f"{rv.spec.name} stores one value per block: that would need requantizing",
+            role=rv.spec.name, key=rv.key)
+    joined = n_cat([p.node for p in parts], pos, ctx.origin)
+    moved = n_take(joined, pos, blocks, ctx.origin)
+    k = len(parts) if isinstance(op, Interleave) else 1
+    n_out = op_parts(op) if isinstance(op, Deinterleave) else 1
+    if k > 1 or n_out == 1:
+        return [rv.with_node(moved)]
+    size = moved.shape[pos] // n_out
+    return [rv.with_node(n_slice(moved, pos, j * size, (j + 1) * size, 1, ctx.origin))
+            for j in range(n_out)]
+
+
+def _lift_reorder(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, *,
+                  logical: tuple[str, ...]) -> list[RoleValue]:
+    rv = parts[0]
+    layout = _reorder(rv, logical)
+    dims = tuple(rv.layout.index(a) for a in layout)
+    return [rv.with_node(n_permute(rv.node, dims, ctx.origin), layout)]
 
 
 def _lift_rope(op: RopePermute, parts: list[RoleValue], axis: str, ctx: OpContext, *,
-               heads: int) -> list[RoleValue]:
+               heads: int, perm: tuple[int, ...]) -> list[RoleValue]:
     rv = parts[0]
-    pos = _pos(rv, axis)
+    pos, _ = _pos(rv, axis)
     s = rv.node.shape
     half = s[pos] // heads // 2
     inner = (2, half) if op.inverse else (half, 2)
@@ -788,7 +964,7 @@ def _lift_rope(op: RopePermute, parts: list[RoleValue], axis: str, ctx: OpContex
     dims = list(range(len(view.shape)))
     dims[pos + 1], dims[pos + 2] = dims[pos + 2], dims[pos + 1]
     swapped = n_permute(view, tuple(dims), ctx.origin)
-    return [RoleValue(n_reshape(swapped, s, ctx.origin), rv.axes)]
+    return [rv.with_node(n_reshape(swapped, s, ctx.origin))]
 
 
 def _unchanged(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, **_: Any
@@ -797,56 +973,92 @@ def _unchanged(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, **_: A
 
 
 def _lift_reshape(op: Flatten | Unflatten, parts: list[RoleValue], axis: str, ctx: OpContext, *,
-                  merged: tuple[str, ...], new_axes: tuple[str, ...], logical_shape: P.Shape,
+                  merged: tuple[str, ...], logical_shape: P.Shape,
                   logical_axes: tuple[str, ...]) -> list[RoleValue]:
     rv = parts[0]
-    carried = [a for a in merged if a in rv.axes]
+    carried = [a for a in merged if rv.find(a) is not None]
     if isinstance(op, Flatten) and len(carried) != len(merged):
-        raise ctx.fail(f"{op.name}: the role carries only {carried} of {list(merged)}")
-    size = dict(zip(logical_axes, logical_shape, strict=True))
-    shape = tuple(size[a] for a in new_axes)
-    return [RoleValue(n_reshape(rv.node, shape, ctx.origin), new_axes)]
+        raise ctx.fail(f"{op.name}: role {rv.spec.name} carries only {carried} of {list(merged)}",
+                       role=rv.spec.name, key=rv.key)
+    new_axes = tuple(a for a in logical_axes
+                     if rv.find(a) is not None or a in merged)
+    lengths = dict(zip(logical_axes, logical_shape, strict=True))
+    layout = tuple(AxisSpec(a) for a in new_axes)
+    shape = tuple(lengths[a] for a in new_axes)
+    return [rv.with_node(n_reshape(rv.node, shape, ctx.origin), layout)]
+
+
+def _refuse_quantized_reshape(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext,
+                              **_: Any) -> list[RoleValue]:
+    rv = parts[0]
+    ax = _pos(rv, axis)[1]
+    raise ctx.fail(f"{op.name} is for dense tensors; role {rv.spec.name} {_unit(ax)} "
+                   f"{ax.factor} {axis} values", role=rv.spec.name, key=rv.key)
 
 
 def _lift_reshape_broadcast(op: Flatten | Unflatten, parts: list[RoleValue], axis: str,
-                            ctx: OpContext, *, merged: tuple[str, ...], new_axes: tuple[str, ...],
-                            **_: Any) -> list[RoleValue]:
+                            ctx: OpContext, *, merged: tuple[str, ...], **_: Any
+                            ) -> list[RoleValue]:
     rv = parts[0]
-    if any(a in rv.axes for a in merged):
-        raise ctx.fail(f"{op.name}: the role carries only some of the axes {list(merged)}")
-    return [RoleValue(rv.node, new_axes)]
+    if any(rv.find(a) is not None for a in merged):
+        raise ctx.fail(f"{op.name}: role {rv.spec.name} carries only some of the axes "
+                       f"{list(merged)}", role=rv.spec.name, key=rv.key)
+    return [rv]
 
 
 LIFT: dict[tuple[type[Op], Relation], LiftFn] = {
-    # stack/unstack: every role carries the expert axis (a scalar becomes an [E] vector)
+    # stack: every role gains the axis (a scalar becomes an [E] vector); shared roles stay one
     (Stack, "plain"): _lift_stack,
-    (Stack, "broadcast"): _lift_stack,
+    (Stack, "packed"): _lift_stack,
+    (Stack, "blocked"): _lift_stack,
+    (Stack, "broadcast"): _keep_one,
     (Unstack, "plain"): _lift_unstack,
+    (Unstack, "packed"): _lift_unstack,
+    (Unstack, "blocked"): _lift_unstack,
     (Unstack, "broadcast"): _duplicate,
-    # concat/split: along the axis if the role has it; else keep one / duplicate
+    # concat/split: along the axis in whole packing units / blocks; else keep one / duplicate
     (Concat, "plain"): _lift_concat,
+    (Concat, "packed"): _lift_concat,
+    (Concat, "blocked"): _lift_concat,
     (Concat, "broadcast"): _keep_one,
     (Split, "plain"): _lift_split,
+    (Split, "packed"): _lift_split,
+    (Split, "blocked"): _lift_split,
     (Split, "broadcast"): _duplicate,
+    # row permutations: packed axes go through codes; blocked axes move whole blocks or refuse
     (Interleave, "plain"): _lift_interleave,
+    (Interleave, "packed"): _via_codes(_lift_interleave),
+    (Interleave, "blocked"): _blocked_permutation,
     (Interleave, "broadcast"): _keep_one,
     (Deinterleave, "plain"): _lift_deinterleave,
+    (Deinterleave, "packed"): _via_codes(_lift_deinterleave),
+    (Deinterleave, "blocked"): _blocked_permutation,
     (Deinterleave, "broadcast"): _duplicate,
-    # permutations: roles reorder their own axes; row permutations skip roles without rows
-    (Transpose, "plain"): _lift_reorder,
-    (Transpose, "broadcast"): _lift_reorder,
     (RopePermute, "plain"): _lift_rope,
+    (RopePermute, "packed"): _via_codes(_lift_rope),
+    (RopePermute, "blocked"): _blocked_permutation,
     (RopePermute, "broadcast"): _unchanged,
     (RopeUnpermute, "plain"): _lift_rope,
+    (RopeUnpermute, "packed"): _via_codes(_lift_rope),
+    (RopeUnpermute, "blocked"): _blocked_permutation,
     (RopeUnpermute, "broadcast"): _unchanged,
-    # reshapes: a role carrying the merged axes is reshaped, one without them is unchanged
+    # transpose: roles reorder their own axes; packing and blocks stay with their axis
+    (Transpose, "plain"): _lift_reorder,
+    (Transpose, "packed"): _lift_reorder,
+    (Transpose, "blocked"): _lift_reorder,
+    (Transpose, "broadcast"): _lift_reorder,
+    # reshapes: dense roles only; a role without the merged axes is unchanged
     (Flatten, "plain"): _lift_reshape,
+    (Flatten, "packed"): _refuse_quantized_reshape,
+    (Flatten, "blocked"): _refuse_quantized_reshape,
     (Flatten, "broadcast"): _lift_reshape_broadcast,
     (Unflatten, "plain"): _lift_reshape,
+    (Unflatten, "packed"): _refuse_quantized_reshape,
+    (Unflatten, "blocked"): _refuse_quantized_reshape,
     (Unflatten, "broadcast"): _lift_reshape_broadcast,
 }
 
-assert set(RELATIONS) == {"plain", "broadcast"}
+assert set(RELATIONS) == {"plain", "packed", "blocked", "broadcast"}
 
 
 def _ranges(values: list[int]) -> str:
@@ -865,4 +1077,4 @@ def _ranges(values: list[int]) -> str:
 
 
 __all__ = ["INVERSE", "LIFT", "OPS", "OPS_BY_NAME", "Op", "OpContext", "RoleValue", "StemValue",
-           "Stream", "eval_expr", "invert", "replace"]
+           "Stream", "eval_expr", "invert"]

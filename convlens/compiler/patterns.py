@@ -159,4 +159,14 @@ def _segments_meet(a: Segment, b: Segment) -> bool:
         return re.fullmatch(_segment_regex(b), text_a) is not None
     if lit_b:
         return re.fullmatch(_segment_regex(a), text_b) is not None
-    return True  # two segments with captures: assume they can meet
+    # Both have captures: they can meet only if their literal ends agree.
+    pa, pb = _literal_end(a, 0), _literal_end(b, 0)
+    sa, sb = _literal_end(a, -1), _literal_end(b, -1)
+    prefix_ok = pa.startswith(pb) or pb.startswith(pa)
+    suffix_ok = sa.endswith(sb) or sb.endswith(sa)
+    return prefix_ok and suffix_ok
+
+
+def _literal_end(seg: Segment, where: int) -> str:
+    piece = seg[where]
+    return piece.text if isinstance(piece, Literal) else ""

@@ -117,19 +117,86 @@ class Same:
     origin: int
 
 
-Node = Load | Stack | Cat | Slice | Select | Permute | Reshape | Same
+@dataclass(frozen=True, slots=True)
+class Take:
+    """``arg.index_select(dim, indices)``: a row permutation that no reshape expresses."""
+
+    arg: Node
+    dim: int
+    indices: tuple[int, ...]
+    shape: Shape
+    dtype: str
+    origin: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unpack:
+    """Storage elements -> one integer code per logical element along ``dim``. Element j of a
+    unit sits at bit ``positions[j]`` and is ``bits`` wide; the result is int32 codes."""
+
+    arg: Node
+    dim: int
+    factor: int
+    bits: int
+    positions: tuple[int, ...]
+    shape: Shape
+    dtype: str
+    origin: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pack:
+    """The inverse of Unpack: codes -> storage elements of ``dtype``."""
+
+    arg: Node
+    dim: int
+    factor: int
+    bits: int
+    positions: tuple[int, ...]
+    shape: Shape
+    dtype: str
+    origin: int
+
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    """A small constant (recomputed metadata such as compressed-tensors ``weight_shape``)."""
+
+    values: tuple[int, ...]
+    shape: Shape
+    dtype: str
+    origin: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    """The value of ``arg`` once every check (a Same node) holds: how inputs that are consumed
+    but not copied (metadata recomputed from the logical shape) are still checked and counted."""
+
+    arg: Node
+    checks: tuple[Node, ...]
+    shape: Shape
+    dtype: str
+    origin: int
+
+
+Node = (Load | Stack | Cat | Slice | Select | Permute | Reshape | Same | Take | Unpack | Pack
+        | Const | Verify)
 NODE_TYPES: dict[str, type[Any]] = {
     "load": Load, "stack": Stack, "cat": Cat, "slice": Slice, "select": Select,
-    "permute": Permute, "reshape": Reshape, "same": Same,
+    "permute": Permute, "reshape": Reshape, "same": Same, "take": Take, "unpack": Unpack,
+    "pack": Pack, "const": Const, "verify": Verify,
 }
 _NODE_NAMES = {cls: name for name, cls in NODE_TYPES.items()}
 
 
 def children(node: Node) -> tuple[Node, ...]:
-    if isinstance(node, Load):
+    if isinstance(node, (Load, Const)):
         return ()
     if isinstance(node, (Stack, Cat, Same)):
         return node.args
+    if isinstance(node, Verify):
+        return (node.arg, *node.checks)
     return (node.arg,)
 
 
@@ -208,6 +275,15 @@ def format_node(node: Node, rules: list[RuleRef] | None = None) -> str:
         extra = f", dims={list(node.dims)}"
     elif isinstance(node, Reshape):
         extra = f", shape={list(node.shape)}"
+    elif isinstance(node, Take):
+        shown: list[object] = [*node.indices[:8], *(["..."] if len(node.indices) > 8 else [])]
+        extra = f", dim={node.dim}, indices={shown}"
+    elif isinstance(node, (Unpack, Pack)):
+        extra = f", dim={node.dim}, factor={node.factor}, bits={node.bits}"
+        if node.positions != tuple(i * node.bits for i in range(node.factor)):
+            extra += f", positions={list(node.positions)}"
+    elif isinstance(node, Const):
+        return f"const({list(node.values)})"
     return f"{name}({args}{extra})"
 
 
@@ -218,7 +294,7 @@ def node_to_data(node: Node) -> dict[str, Any]:
     data: dict[str, Any] = {"op": _NODE_NAMES[type(node)]}
     for name in node.__slots__:
         value = getattr(node, name)
-        if name == "args":
+        if name in ("args", "checks"):
             value = [node_to_data(a) for a in value]
         elif name == "arg":
             value = node_to_data(value)
@@ -233,7 +309,7 @@ def node_from_data(data: dict[str, Any]) -> Node:
     kwargs: dict[str, Any] = {}
     for name in cls.__slots__:
         value = data[name]
-        if name == "args":
+        if name in ("args", "checks"):
             value = tuple(node_from_data(a) for a in value)
         elif name == "arg":
             value = node_from_data(value)

@@ -14,9 +14,10 @@ from typing import Any
 
 from convlens.compiler import ops as O
 from convlens.compiler import plan as P
-from convlens.compiler.layout import RoleMeta, default_axes, detect_scheme
+from convlens.compiler.layout import RoleMeta, default_axes, detect, is_stack_axis, view_shape
 from convlens.compiler.naming import key_for, owns, role_of
 from convlens.compiler.program import Program, Rule
+from convlens.compiler.schemes import all_schemes, config_hints
 from convlens.errors import ConversionError
 
 
@@ -207,8 +208,11 @@ def _describe(captures: dict[str, str]) -> str:
 def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any]
                  ) -> list[tuple[str, P.Node]]:
     ctx = O.OpContext(index, rule.ref.label, rule.span, config, _describe(group.captures))
+    hints = config_hints(config)
     streams: list[O.Stream] = []
     role_sets: set[frozenset[str]] = set()
+    checks: list[P.Node] = []
+    meta_roles: set[str] = set()
     for j, part in enumerate(group.parts):
         pattern = rule.src.patterns[j]
         if not part:
@@ -216,7 +220,9 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
                            "pattern of the rule needs its part")
         members: dict[tuple[int, ...], O.StemValue] = {}
         for idx, member in sorted(part.items()):
-            members[idx] = _stem_value(rule, ctx, member)
+            members[idx], more, names = _stem_value(rule, ctx, member, hints)
+            checks += more
+            meta_roles |= names
             role_sets.add(frozenset(member.roles))
         streams.append(O.Stream(pattern.text, rule.stacked, members))
     if len(role_sets) > 1:
@@ -227,24 +233,71 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
     results: list[tuple[str, P.Node]] = []
     for stream, pattern in zip(streams, rule.dst.patterns, strict=True):
         for idx, value in stream.members.items():
+            _check_axes(rule, ctx, value)
             caps = dict(group.captures)
             caps.update({c: str(i) for c, i in zip(stream.captures, idx, strict=True)})
             stem = pattern.format(caps)
             for role, rv in value.roles.items():
-                results.append((key_for(stem, role, rule.dst.naming), rv.node))
+                results.append((key_for(stem, role, rule.dst.naming),
+                                _stored(value, rv, index)))
+            for role in sorted(meta_roles):
+                dtype = value.scheme.roles[role].dtype or "I64"
+                const = P.Const(value.shape, (len(value.shape),), dtype, index)
+                results.append((key_for(stem, role, rule.dst.naming), const))
+    if checks and results:
+        key, first = results[0]
+        results[0] = (key, P.Verify(first, tuple(checks), first.shape, first.dtype, index))
     return results
 
 
-def _stem_value(rule: Rule, ctx: O.OpContext, member: _Member) -> O.StemValue:
+def _stem_value(rule: Rule, ctx: O.OpContext, member: _Member, hints: frozenset[str]
+                ) -> tuple[O.StemValue, list[P.Node], set[str]]:
+    """A stem's value for the ops, the checks of its metadata roles, and their names."""
     metas = {role: RoleMeta(node.shape, node.dtype) for role, (_, node) in member.roles.items()}
     keys = tuple(k for k, _ in member.roles.values())
-    primary = member.roles.get("weight")
-    rank = len(primary[1].shape) if primary else 0
-    axes = rule.src.axes if rule.src.axes is not None else default_axes(rank)
-    scheme = detect_scheme(metas, axes)
-    if isinstance(scheme, str):
-        raise ctx.fail(f"{scheme}", key=keys[0])
-    roles = {role: O.RoleValue(node, scheme.roles[role].axes_for(axes))
-             for role, (_, node) in member.roles.items()}
-    shape = scheme.logical_shape(metas[scheme.primary].shape)
-    return O.StemValue(scheme, axes, shape, roles, keys)
+    found = detect(all_schemes(), metas, rule.src.axes, hints)
+    if isinstance(found, str):
+        raise ctx.fail(found, key=keys[0])
+    roles = {}
+    checks: list[P.Node] = []
+    meta_roles: set[str] = set()
+    for role, (key, node) in member.roles.items():
+        fit = found.roles[role]
+        spec = found.scheme.roles[role]
+        if spec.kind == "shape":
+            # metadata: checked against the logical shape here, written anew for each output
+            want = P.Const(found.shape, node.shape, node.dtype, ctx.origin)
+            checks.append(O.n_same([node, want], ctx.origin))
+            meta_roles.add(role)
+            continue
+        canonical = O.n_reshape(node, fit.canonical, ctx.origin)
+        roles[role] = O.RoleValue(canonical, fit.layout, spec, fit.view, key)
+    return O.StemValue(found.scheme, found.axes, found.shape, roles, keys), checks, meta_roles
+
+
+def _normal(axes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple("e" if is_stack_axis(a) else a for a in axes)
+
+
+def _check_axes(rule: Rule, ctx: O.OpContext, value: O.StemValue) -> None:
+    """The target must read the result with the axes the ops produced, or the inverse would
+    lift its ops to the wrong axes (a transposed bias would be permuted as if it were rows)."""
+    want = rule.dst.axes if rule.dst.axes is not None else default_axes(len(value.axes))
+    if _normal(value.axes) != _normal(want):
+        raise ctx.fail(
+            f"the ops leave axes ({', '.join(value.axes)}) but the target reads "
+            f"({', '.join(want)}); declare them: {rule.dst.patterns[0].text!r} ... axes "
+            f"({', '.join(value.axes)})", key=value.keys[0])
+
+
+def _stored(value: O.StemValue, rv: O.RoleValue, origin: int) -> P.Node:
+    """A role's output node in the form it was stored in (its view)."""
+    if rv.view is None:
+        return rv.node
+    sizes = dict(zip(value.axes, value.shape, strict=True))
+    lead = 0
+    own = {a.name for a in rv.spec.axes}
+    while lead < len(rv.layout) and rv.layout[lead].name not in own:
+        lead += 1
+    shape = rv.node.shape[:lead] + view_shape(rv.spec.views[rv.view], sizes)
+    return O.n_reshape(rv.node, shape, origin)

@@ -280,7 +280,7 @@ def sample_rule(program: Program, index: int, rng: random.Random, config: dict[s
         raise SampleError(f"{rule.ref.label}: {last}")
     axes = gen.src.axes or default_axes(rank)
     with_bias = rank >= 1 and rng.random() < 0.5
-    bias_axes = PLAIN.roles["bias"].axes_for(axes)
+    bias_axes = [a.name for a in PLAIN.roles["bias"].layout(axes, True)]
     group_bias: dict[int, int] = {}
     for group in range(rng.randint(1, 2)):
         gcaps = caps if group == 0 else _capture_values(rule, rng, {})

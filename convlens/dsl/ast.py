@@ -75,7 +75,7 @@ class Ref:
 
 @dataclass(frozen=True)
 class BinOp:
-    op: TLiteral["+", "-", "*", "//"]
+    op: TLiteral["+", "-", "*", "//", "/"]
     left: Expr
     right: Expr
     span: Span = _span()
@@ -87,8 +87,17 @@ class Tuple:
     span: Span = _span()
 
 
-Expr = Int | Ref | BinOp
-Value = Int | Ref | BinOp | Tuple
+@dataclass(frozen=True)
+class Call:
+    """``e2m1(weight)`` in a dequant formula: decode a role with a codec."""
+
+    func: str
+    arg: Expr
+    span: Span = _span()
+
+
+Expr = Int | Ref | BinOp | Call
+Value = Int | Ref | BinOp | Call | Tuple
 
 
 # --- rules ------------------------------------------------------------------------------------
@@ -222,3 +231,60 @@ class Conversion:
     @property
     def architectures(self) -> tuple[str, ...]:
         return tuple(n for t in self.targets if t.kind == "architecture" for n in t.names)
+
+
+# --- scheme files -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AxisDecl:
+    """One physical axis of a role: the logical axis it carries and how (plain, packed P per
+    storage element with a codec and an element order, or one value per block of B)."""
+
+    name: str
+    kind: TLiteral["plain", "packed", "blocked"] = "plain"
+    factor: int = 1
+    codec: str | None = None
+    order: str | None = None
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class DimDecl:
+    """One stored dim in ``as [...]``: a literal size, or a logical axis size divided (ceil)."""
+
+    axis: str | None
+    divisor: int = 1
+    literal: int | None = None
+
+
+@dataclass(frozen=True)
+class RoleDecl:
+    """``role NAME DTYPE [axes] as [...] | [...] flags``. ``axes`` is None for ``shape``
+    metadata roles (compressed-tensors ``weight_shape``), which are recomputed, not moved."""
+
+    name: str
+    dtype: str
+    axes: tuple[AxisDecl, ...] | None
+    views: tuple[tuple[DimDecl, ...], ...] = ()
+    flags: tuple[str, ...] = ()
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Detect:
+    """``for quant_algo NVFP4, NVFP4_AWQ``: config values that point at this scheme."""
+
+    key: str
+    values: tuple[str, ...]
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    detects: tuple[Detect, ...]
+    roles: tuple[RoleDecl, ...]
+    dequant: Expr | None
+    path: str = field(default="<string>", compare=False)
+    span: Span = _span()

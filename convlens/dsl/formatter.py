@@ -10,7 +10,7 @@ import json
 from convlens.dsl import ast
 from convlens.dsl.patterns import format_pattern
 
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "//": 2}
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "//": 2, "/": 2}
 
 
 def format_expr(e: ast.Value, parent: int = 0, right: bool = False) -> str:
@@ -20,6 +20,8 @@ def format_expr(e: ast.Value, parent: int = 0, right: bool = False) -> str:
         return ".".join(e.path)
     if isinstance(e, ast.Tuple):
         return "[" + ", ".join(format_expr(i) for i in e.items) + "]"
+    if isinstance(e, ast.Call):
+        return f"{e.func}({format_expr(e.arg)})"
     prec = _PRECEDENCE[e.op]
     text = f"{format_expr(e.left, prec)} {e.op} {format_expr(e.right, prec, right=True)}"
     # Left-associative: a right operand of equal precedence needs parentheses.
@@ -86,4 +88,39 @@ def format_conversion(conv: ast.Conversion) -> str:
             out.append("")
         out.append(format_statement(st))
         previous = st
+    return "\n".join(out) + "\n"
+
+
+def _axis(a: ast.AxisDecl) -> str:
+    if a.kind == "plain":
+        return a.name
+    if a.kind == "blocked":
+        return f"{a.name} / {a.factor} block"
+    return f"{a.name} / {a.factor} packed {a.codec}" + (f" {a.order}" if a.order else "")
+
+
+def _dim(d: ast.DimDecl) -> str:
+    if d.literal is not None:
+        return str(d.literal)
+    return str(d.axis) + (f" / {d.divisor}" if d.divisor != 1 else "")
+
+
+def format_scheme(s: ast.Scheme) -> str:
+    """Canonical text of a scheme file."""
+    out = [f"scheme {s.name}"]
+    for d in s.detects:
+        out.append(f"  for {d.key} " + ", ".join(v if v.isidentifier() else _string(v)
+                                                   for v in d.values))
+    width = max((len(r.name) for r in s.roles), default=0)
+    dwidth = max((len(r.dtype) for r in s.roles), default=0)
+    for r in s.roles:
+        shape = "shape" if r.axes is None else "[" + ", ".join(_axis(a) for a in r.axes) + "]"
+        line = f"  role {r.name:<{width}}  {r.dtype:<{dwidth}}  {shape}"
+        if r.views:
+            line += " as " + " | ".join("[" + ", ".join(_dim(d) for d in v) + "]"
+                                        for v in r.views)
+        line += "".join(f" {f}" for f in r.flags)
+        out.append(line)
+    if s.dequant is not None:
+        out.append(f"  dequant {format_expr(s.dequant)}")
     return "\n".join(out) + "\n"

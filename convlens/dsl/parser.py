@@ -104,10 +104,110 @@ class _Builder(Transformer[Token, Any]):
         return value
 
     @v_args(meta=True)
-    def start(self, meta: Any, children: list[Any]) -> ast.Conversion:
+    def conversion_file(self, meta: Any, children: list[Any]) -> ast.Conversion:
         name, targets, span = children[0]
         return ast.Conversion(name=name, targets=targets, statements=tuple(children[1:]),
                               path=self.path, span=span)
+
+    @v_args(meta=True)
+    def scheme_file(self, meta: Any, children: list[Any]) -> ast.Scheme:
+        name, span = children[0]
+        detects = tuple(c for c in children[1:] if isinstance(c, ast.Detect))
+        roles = tuple(c for c in children[1:] if isinstance(c, ast.RoleDecl))
+        dequants = [c for c in children[1:] if isinstance(c, tuple) and c[0] == "dequant"]
+        if len(dequants) > 1:
+            raise RuleError("a scheme has one dequant formula", span=dequants[1][2])
+        return ast.Scheme(name=name, detects=detects, roles=roles,
+                          dequant=dequants[0][1] if dequants else None, path=self.path, span=span)
+
+    @v_args(meta=True)
+    def scheme_header(self, meta: Any, children: list[Token]) -> tuple[str, Span]:
+        return str(children[0]), self._span(meta)
+
+    @v_args(meta=True)
+    def detect(self, meta: Any, children: list[Token]) -> ast.Detect:
+        values = tuple(self._string(c) if c.type == "STRING" else str(c) for c in children[1:])
+        return ast.Detect(key=str(children[0]), values=values, span=self._span(meta))
+
+    @v_args(meta=True)
+    def role(self, meta: Any, children: list[Any]) -> ast.RoleDecl:
+        name, dtype, shape = str(children[0]), str(children[1]), children[2]
+        views: tuple[tuple[ast.DimDecl, ...], ...] = ()
+        flags: list[str] = []
+        for c in children[3:]:
+            if isinstance(c, Token) and c.type == "FLAG":
+                flags.append(str(c))
+            elif isinstance(c, tuple) and c and c[0] == "view":
+                views = c[1]
+        axes = None if shape == "shape" else tuple(shape)
+        return ast.RoleDecl(name=name, dtype=dtype, axes=axes, views=views, flags=tuple(flags),
+                            span=self._span(meta))
+
+    def shape(self, children: list[Any]) -> list[ast.AxisDecl]:
+        return [c for c in children if c is not None]
+
+    def shape_of(self, children: list[Any]) -> str:
+        return "shape"
+
+    @v_args(meta=True)
+    def axis_plain(self, meta: Any, children: list[Token]) -> ast.AxisDecl:
+        return ast.AxisDecl(name=str(children[0]), span=self._span(meta))
+
+    @v_args(meta=True)
+    def axis_packed(self, meta: Any, children: list[Any]) -> ast.AxisDecl:
+        order = str(children[3]) if len(children) > 3 and children[3] is not None else None
+        return ast.AxisDecl(name=str(children[0]), kind="packed", factor=int(children[1]),
+                            codec=str(children[2]), order=order, span=self._span(meta))
+
+    @v_args(meta=True)
+    def axis_blocked(self, meta: Any, children: list[Token]) -> ast.AxisDecl:
+        return ast.AxisDecl(name=str(children[0]), kind="blocked", factor=int(children[1]),
+                            span=self._span(meta))
+
+    def view(self, children: list[Any]) -> tuple[str, tuple[tuple[ast.DimDecl, ...], ...]]:
+        return ("view", tuple(children))
+
+    def stored(self, children: list[Any]) -> tuple[ast.DimDecl, ...]:
+        return tuple(c for c in children if c is not None)
+
+    def dim_literal(self, children: list[Token]) -> ast.DimDecl:
+        return ast.DimDecl(axis=None, literal=int(children[0]))
+
+    def dim_div(self, children: list[Token]) -> ast.DimDecl:
+        return ast.DimDecl(axis=str(children[0]), divisor=int(children[1]))
+
+    def dim_axis(self, children: list[Token]) -> ast.DimDecl:
+        return ast.DimDecl(axis=str(children[0]))
+
+    @v_args(meta=True)
+    def dequant(self, meta: Any, children: list[Any]) -> tuple[str, Any, Span]:
+        return ("dequant", children[0], self._span(meta))
+
+    @v_args(meta=True)
+    def d_add(self, meta: Any, children: list[Any]) -> ast.BinOp:
+        return self._bin("+", meta, children)
+
+    @v_args(meta=True)
+    def d_sub(self, meta: Any, children: list[Any]) -> ast.BinOp:
+        return self._bin("-", meta, children)
+
+    @v_args(meta=True)
+    def d_mul(self, meta: Any, children: list[Any]) -> ast.BinOp:
+        return self._bin("*", meta, children)
+
+    @v_args(meta=True)
+    def d_div(self, meta: Any, children: list[Any]) -> ast.BinOp:
+        return self._bin("/", meta, children)
+
+    def d_int(self, children: list[Token]) -> ast.Int:
+        return ast.Int(value=int(children[0]), span=self._tok_span(children[0]))
+
+    def d_role(self, children: list[Token]) -> ast.Ref:
+        return ast.Ref(path=(str(children[0]),), span=self._tok_span(children[0]))
+
+    @v_args(meta=True)
+    def d_call(self, meta: Any, children: list[Any]) -> ast.Call:
+        return ast.Call(func=str(children[0]), arg=children[1], span=self._span(meta))
 
     @v_args(meta=True)
     def header(self, meta: Any, children: list[Any]) -> tuple[str, tuple[ast.Target, ...], Span]:
@@ -247,6 +347,22 @@ def parse(text: str, path: str = "<string>") -> ast.Conversion:
     >>> conv.name, type(conv.statements[0]).__name__
     ('demo', 'Rename')
     """
+    doc = parse_document(text, path)
+    if not isinstance(doc, ast.Conversion):
+        raise RuleError(f"{path} is a scheme file, not a conversion", span=doc.span)
+    return doc
+
+
+def parse_scheme(text: str, path: str = "<string>") -> ast.Scheme:
+    """Parse a scheme file (a quantization format written as data)."""
+    doc = parse_document(text, path)
+    if not isinstance(doc, ast.Scheme):
+        raise RuleError(f"{path} is a conversion, not a scheme file", span=doc.span)
+    return doc
+
+
+def parse_document(text: str, path: str = "<string>") -> ast.Conversion | ast.Scheme:
+    """Parse a conversion or a scheme file."""
     lines = text.splitlines()
     try:
         tree = _lark().parse(text)
@@ -261,20 +377,28 @@ def parse(text: str, path: str = "<string>") -> ast.Conversion:
         if isinstance(inner, ConvlensError):
             raise inner from None
         raise
-    assert isinstance(result, ast.Conversion)
+    assert isinstance(result, (ast.Conversion, ast.Scheme))
     return result
+
+
+def read_text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RuleSyntaxError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise RuleSyntaxError(f"cannot read rule file {p}: {exc.strerror}") from None
+
+
+def parse_scheme_file(path: str | Path, display: str | None = None) -> ast.Scheme:
+    p = Path(path)
+    return parse_scheme(read_text(p), display or str(p))
 
 
 def parse_file(path: str | Path, display: str | None = None) -> ast.Conversion:
     """Parse a rule file; ``display`` is how messages name it (default: the path)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise RuleSyntaxError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise RuleSyntaxError(f"cannot read rule file {p}: {exc.strerror}") from None
-    return parse(text, display or str(p))
+    return parse(read_text(p), display or str(p))
 
 
 def _syntax_error(exc: UnexpectedInput, text: str, path: str, lines: list[str]) -> RuleSyntaxError:
