@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -19,6 +19,7 @@ from convlens.dsl.parser import parse, parse_file
 from convlens.errors import ConversionError, RuleError, Span, did_you_mean
 from convlens.runtime.dtypes import dtype_name
 from convlens.runtime.execute import execute
+from convlens.runtime.report import RunReport
 
 Direction = Literal["apply", "revert"]
 
@@ -138,29 +139,37 @@ class Conversion:
 
     def plan(self, metas: Mapping[str, TensorMeta], config: Any = None, *,
              direction: Direction = "apply", strict: bool = False,
-             check: bool = True) -> P.Plan:
-        """The plan for tensors described by ``metas``, validated whole."""
+             check: bool = True, policies: Iterable[str] = ()) -> P.Plan:
+        """The plan for tensors described by ``metas``, validated whole. ``policies``: the
+        lossy steps allowed (``max``, ``rescale``, ``requantize``); none by default."""
         forward, backward = self._programs(direction)
         cfg = config_dict(config)
-        result = plan(forward, metas, cfg, strict=strict)
+        result = plan(forward, metas, cfg, strict=strict, policies=frozenset(policies))
         if check:
             check_names(forward, backward, metas, result, cfg)
         return result
 
     def _run(self, state_dict: Mapping[str, torch.Tensor], config: Any, direction: Direction,
-             strict: bool) -> dict[str, torch.Tensor]:
-        p = self.plan(metas_of(state_dict), config, direction=direction, strict=strict)
-        return execute(p, state_dict)
+             strict: bool, policies: Iterable[str], report: RunReport | None
+             ) -> dict[str, torch.Tensor]:
+        p = self.plan(metas_of(state_dict), config, direction=direction, strict=strict,
+                      policies=policies)
+        return execute(p, state_dict, report)
 
     def apply(self, state_dict: Mapping[str, torch.Tensor], config: Any = None, *,
-              strict: bool = False) -> dict[str, torch.Tensor]:
-        """Forward conversion of an in-memory state dict (views where possible)."""
-        return self._run(state_dict, config, "apply", strict)
+              strict: bool = False, policies: Iterable[str] = (),
+              report: RunReport | None = None) -> dict[str, torch.Tensor]:
+        """Forward conversion of an in-memory state dict (views where possible).
+
+        ``strict``: keys no rule matches are an error. ``policies``: lossy steps allowed;
+        each one taken is appended to ``report.lossy`` with its measured error."""
+        return self._run(state_dict, config, "apply", strict, policies, report)
 
     def revert(self, state_dict: Mapping[str, torch.Tensor], config: Any = None, *,
-               strict: bool = False) -> dict[str, torch.Tensor]:
+               strict: bool = False, policies: Iterable[str] = (),
+               report: RunReport | None = None) -> dict[str, torch.Tensor]:
         """Inverse conversion of an in-memory state dict (views where possible)."""
-        return self._run(state_dict, config, "revert", strict)
+        return self._run(state_dict, config, "revert", strict, policies, report)
 
     def __repr__(self) -> str:
         return f"<Conversion {self.name} ({len(self.program.rules)} rules)>"

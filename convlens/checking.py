@@ -19,6 +19,7 @@ import torch
 
 from convlens.api import Conversion, metas_of
 from convlens.compiler import plan as P
+from convlens.compiler.layout import PLAIN, Scheme
 from convlens.compiler.planner import TensorMeta, plan
 from convlens.compiler.program import Program
 from convlens.compiler.samples import SampleError, sample_program
@@ -51,13 +52,26 @@ class CheckReport:
 
 
 def make_tensor(meta: TensorMeta, fill: int) -> torch.Tensor:
-    """Distinct values per tensor and per element (exact in float32 up to 2**24)."""
+    """Distinct, reproducible contents per tensor: arange values for floats (exact in float32 up
+    to 2**24, so a wrong row shows), seeded random bits for quantized storage. FP8 avoids NaN
+    bit patterns so that dequantized values compare."""
     n = 1
     for d in meta.shape:
         n *= d
-    base = torch.arange(n, dtype=torch.float64) + (fill % 4096) * 4096
     dtype = TORCH_DTYPES[meta.dtype]
-    return base.reshape(meta.shape).to(dtype)
+    if dtype.is_floating_point and dtype.itemsize > 1:
+        base = torch.arange(n, dtype=torch.float64) + (fill % 4096) * 4096
+        return base.reshape(meta.shape).to(dtype)
+    gen = torch.Generator().manual_seed(fill)
+    if dtype.is_floating_point:  # fp8: random bytes without NaN (0x7f / 0xff)
+        raw = torch.randint(0, 127, (n,), generator=gen, dtype=torch.int16)
+        sign = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int16) * 128
+        return (raw + sign).to(torch.uint8).view(dtype).reshape(meta.shape)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, meta.shape, generator=gen).to(torch.bool)
+    info = torch.iinfo(dtype)
+    low, high = max(info.min, -(2**62)), min(info.max, 2**62)
+    return torch.randint(low, high, meta.shape, generator=gen, dtype=torch.int64).to(dtype)
 
 
 def check_expectations(program: Program) -> list[ConvlensError]:
@@ -92,13 +106,16 @@ def _run(program: Program, tensors: dict[str, torch.Tensor], config: Mapping[str
     return execute(p, tensors)
 
 
-def generate_state_dict(program: Program, seed: int) -> tuple[dict[str, torch.Tensor],
-                                                               dict[str, Any]]:
-    """A state dict in the program's input layout that exercises every rule, and its config."""
-    samples, config = sample_program(program, seed)
+def generate_state_dict(program: Program, seed: int, scheme: Scheme = PLAIN
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A state dict in the program's input layout that exercises every rule (tensor rules with
+    stems stored in ``scheme``), and its config."""
+    samples, config = sample_program(program, seed, scheme)
     out: dict[str, torch.Tensor] = {}
     for sample in samples:
         tensors = {k: make_tensor(m, sample.fills[k]) for k, m in sample.metas.items()}
+        for k, values in sample.consts.items():
+            tensors[k] = torch.tensor(values, dtype=TORCH_DTYPES[sample.metas[k].dtype])
         if sample.prelude:
             pre = Program(program.name, program.path, (), (), tuple(sample.prelude))
             try:
@@ -172,3 +189,80 @@ def check_program(program: Program, seeds: Iterable[int] = range(3)) -> CheckRep
         report.seeds += 1
         report.tensors += len(x)
     return report
+
+
+def _stems(endpoint_patterns: Any, naming: Any, keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Stem -> role -> key, for the keys that a rule endpoint's patterns own."""
+    from convlens.compiler.naming import owns, role_of
+
+    out: dict[str, dict[str, str]] = {}
+    for key in keys:
+        for pat in endpoint_patterns:
+            m = pat.match(key)
+            if m is None or not owns(m.tail, naming):
+                continue
+            role = role_of(m.tail, naming)
+            if role is not None:
+                out.setdefault(m.stem, {})[role] = key
+            break
+    return out
+
+
+def _dequantized(stems: dict[str, dict[str, str]], tensors: Mapping[str, torch.Tensor],
+                 axes: tuple[str, ...] | None, naming: Any, hints: frozenset[str]
+                 ) -> dict[str, torch.Tensor]:
+    """Each stem as a plain float64 weight (and its bias, if any) under the same naming."""
+    from convlens.compiler.layout import RoleMeta, detect
+    from convlens.compiler.naming import key_for
+    from convlens.compiler.schemes import all_schemes
+    from convlens.runtime.dequant import dequantize
+    from convlens.runtime.dtypes import dtype_name
+
+    out: dict[str, torch.Tensor] = {}
+    for stem, roles in stems.items():
+        metas = {r: RoleMeta(tuple(tensors[k].shape), dtype_name(tensors[k].dtype))
+                 for r, k in roles.items()}
+        found = detect(all_schemes(), metas, axes, hints)
+        if isinstance(found, str):
+            raise ConversionError(f"law 3: {stem}: {found}")
+        values = {r: tensors[k] for r, k in roles.items()}
+        layouts = {r: f.layout for r, f in found.roles.items()}
+        views = {r: f.view for r, f in found.roles.items()}
+        logical = dequantize(found.scheme, values, layouts, views, found.axes, found.shape)
+        out[key_for(stem, "weight", naming)] = logical
+        if "bias" in roles:
+            out[key_for(stem, "bias", naming)] = tensors[roles["bias"]].to(torch.float64)
+    return out
+
+
+def check_dequant_commutes(program: Program, x: dict[str, torch.Tensor],
+                           config: Mapping[str, Any]) -> int:
+    """Law 3 for each tensor rule of ``program``: dequantizing the rule's results gives what
+    the rule computes on dequantized inputs, exactly. Returns the number of stems compared."""
+    from convlens.compiler.schemes import config_hints
+
+    hints = config_hints(config)
+    compared = 0
+    state = dict(x)
+    for rule in program.rules:
+        one = Program(program.name, program.path, (), (), (rule,))
+        p = plan(one, metas_of(state), config)
+        y = execute(p, state)
+        if rule.kind in ("fuse", "split", "map"):
+            src = _stems(rule.src.patterns, rule.src.naming, state)
+            dst = _stems(rule.dst.patterns, rule.dst.naming, y)
+            plain_in = _dequantized(src, state, rule.src.axes, rule.src.naming, hints)
+            rest = {k: v for k, v in state.items()
+                    if not any(k in roles.values() for roles in src.values())}
+            plain_out = execute(plan(one, metas_of({**rest, **plain_in}), config),
+                                {**rest, **plain_in})
+            got = _dequantized(dst, y, rule.dst.axes, rule.dst.naming, hints)
+            for key, value in got.items():
+                want = plain_out.get(key)
+                if want is None or not bit_equal(value, want.to(torch.float64)):
+                    raise ConversionError(
+                        f"law 3: dequant(apply(x)) != apply(dequant(x)) for {rule.ref.label}",
+                        key=key)
+                compared += 1
+        state = y
+    return compared

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from convlens.compiler.plan import Shape
+from convlens.compiler.plan import FLOAT_DTYPES, Shape
 
 AxisKind = Literal["plain", "packed", "blocked"]
 Relation = Literal["plain", "packed", "blocked", "broadcast"]
@@ -117,6 +117,8 @@ class RoleSpec:
     views: tuple[tuple[Dim, ...], ...] = ()
     shared: bool = False  # broadcast along stacked axes: one value for all experts
     optional: bool = False
+    activation: bool = False  # an activation scale (the `max` policy applies)
+    reciprocal: bool = False  # stored as 1/scale (compressed-tensors global scales)
 
     def follows_logical_order(self) -> bool:
         names = [a.name for a in self.axes]
@@ -163,8 +165,10 @@ class Scheme:
     def quantized(self) -> bool:
         return self.name != "plain"
 
-    def hinted_by(self, hints: frozenset[str]) -> bool:
-        return any(values & hints for values in self.detects.values())
+    def hint_score(self, hints: frozenset[str]) -> int:
+        """How many of this scheme's detection entries (``key=value``) the config matches."""
+        return sum(1 for key, values in self.detects.items()
+                   if any(f"{key}={v}" in hints for v in values))
 
 
 PLAIN = Scheme(
@@ -231,17 +235,28 @@ def canonical_from_view(view: tuple[Dim, ...], stored: Shape, lead: int, n_axes:
     return tuple(stored[:lead]) + tuple(groups)
 
 
+def dtype_fits(want: str | None, got: str) -> bool:
+    """``None``: any dtype; ``float``: the model's float dtype (F16, BF16, F32, F64)."""
+    if want is None:
+        return True
+    if want == "float":
+        return got in FLOAT_DTYPES
+    return want == got
+
+
 def fit_role(spec: RoleSpec, meta: RoleMeta, logical: tuple[str, ...], sizes: Mapping[str, int]
              ) -> RoleFit | str:
     """How ``meta`` stores ``spec`` for this logical tensor, or why it does not."""
-    if spec.dtype is not None and meta.dtype != spec.dtype:
+    if not dtype_fits(spec.dtype, meta.dtype):
         return f"{spec.name} is {meta.dtype}, the scheme stores {spec.dtype}"
     if spec.kind == "shape":
         if meta.shape != (len(logical),):
             return f"{spec.name} has shape {list(meta.shape)}, expected [{len(logical)}]"
         return RoleFit((), None, meta.shape)
     tried = []
-    options = (True, False) if spec.shared else (True,)
+    # A role may lack the stacked axes: one value for every expert (ModelOpt's BMM experts keep
+    # one weight_scale_2 for the whole stacked tensor). Unstacking then duplicates it.
+    options = (False, True) if spec.shared else (True, False)
     for stacked in options:
         layout = spec.layout(logical, stacked)
         want = tuple(ax.physical(sizes[ax.name]) for ax in layout)
@@ -268,20 +283,22 @@ def detect(schemes: tuple[Scheme, ...], roles: Mapping[str, RoleMeta],
     Schemes named by ``hints`` (values from the checkpoint's quantization config) are tried
     first; the first scheme that fits every present role wins."""
     names = set(roles)
-    reasons: list[str] = []
-    ordered = sorted(schemes, key=lambda s: not s.hinted_by(hints))
+    near: list[str] = []  # schemes whose roles are all there, but shapes or dtypes differ
+    missing: list[str] = []
+    ordered = sorted(schemes, key=lambda s: -s.hint_score(hints))
     for scheme in ordered:
         if not names <= set(scheme.roles):
             continue
         required = {r for r, spec in scheme.roles.items() if not spec.optional}
         if not required <= names:
-            reasons.append(f"{scheme.name}: missing {sorted(required - names)}")
+            missing.append(f"{scheme.name}: missing {sorted(required - names)}")
             continue
         fit = _fit(scheme, roles, declared)
         if isinstance(fit, str):
-            reasons.append(f"{scheme.name}: {fit}")
+            near.append(f"{scheme.name}: {fit}")
             continue
         return fit
+    reasons = near or missing
     known = sorted({r for s in schemes for r in s.roles})
     unknown = sorted(names - set(known))
     if unknown:
@@ -305,7 +322,7 @@ def _fit(scheme: Scheme, roles: Mapping[str, RoleMeta], declared: tuple[str, ...
                     f"({', '.join(axes)})")
         options = [(axes, pmeta.shape)]
     else:
-        if primary.dtype is not None and pmeta.dtype != primary.dtype:
+        if not dtype_fits(primary.dtype, pmeta.dtype):
             return f"{primary.name} is {pmeta.dtype}, the scheme stores {primary.dtype}"
         options = list(_primary_options(primary, pmeta, declared))
         if not options:

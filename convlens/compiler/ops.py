@@ -76,12 +76,13 @@ class OpContext:
     """What an op needs while planning one group: config, the rule (for errors), node origin."""
 
     def __init__(self, origin: int, label: str, span: Span | None, config: Mapping[str, Any],
-                 group: str) -> None:
+                 group: str, policies: frozenset[str] = frozenset()) -> None:
         self.origin = origin
         self.label = label
         self.span = span
         self.config = config
         self.group = group
+        self.policies = policies
 
     def fail(self, message: str, *, role: str | None = None,
              key: str | None = None) -> ConversionError:
@@ -308,6 +309,110 @@ def _check_dim(ctx: OpContext, op: Op, dim: int, rank: int, extra: int = 0) -> N
         raise ctx.fail(f"{op.describe()}: dim {dim} is out of range for a {rank}-d tensor")
 
 
+# --- lossy policies ------------------------------------------------------------------------
+# Per-part scalars that a fused result can hold only once (weight_scale_2 of gate and up, an
+# input_scale of every expert) must be equal; plans check that bit for bit. The user may instead
+# pick policies: `max` reconciles activation scales to their maximum (as vLLM does), `rescale`
+# takes the largest weight scale and moves the ratio into each part's block scales (NVFP4),
+# `requantize` moves it into the FP8 weight itself. Both are exact when the scalars are equal and
+# report their error when not.
+
+POLICIES = ("max", "rescale", "requantize")
+
+
+def formula_factors(formula: Any) -> dict[str, int]:
+    """Roles that multiply (+1) or divide (-1) a pure product formula; {} otherwise."""
+    found = _factors(formula)
+    return found or {}
+
+
+def _factors(formula: Any) -> dict[str, int] | None:
+    if formula is None:
+        return None
+    kind = formula[0]
+    if kind == "role":
+        return {formula[1]: 1}
+    if kind == "int":
+        return {}
+    if kind in ("*", "/"):
+        left, right = _factors(formula[1]), _factors(formula[2])
+        if left is None or right is None:
+            return None
+        sign = 1 if kind == "*" else -1
+        return {**left, **{k: v * sign for k, v in right.items()}}
+    return None  # sums and codec calls: no factor of the result is a lone role
+
+
+def _broadcast_to(node: P.Node, rv: RoleValue, target: RoleValue, origin: int) -> P.Node:
+    """A scalar-like role's node reshaped to broadcast over another role's layout."""
+    names = rv.axes
+    shape = tuple(target.node.shape[i] if a.name in names else 1
+                  for i, a in enumerate(target.layout))
+    return n_reshape(node, shape, origin)
+
+
+def _reconcile(parts: list[StemValue], axis: str, ctx: OpContext, shared_only: bool = False
+               ) -> list[StemValue]:
+    """Apply the chosen lossy policies to roles that the parts must share along ``axis``."""
+    if not ctx.policies or len(parts) < 2:
+        return parts
+    first = parts[0]
+    factors = formula_factors(first.scheme.dequant)
+    roles = [dict(p.roles) for p in parts]
+    for name, rv in first.roles.items():
+        if rv.find(axis) is not None or (shared_only and not rv.spec.shared):
+            continue
+        if rv.spec.kind != "tensor" or name == "bias":
+            continue
+        mode = "min" if rv.spec.reciprocal else "max"
+        nodes = [p.roles[name].node for p in parts]
+        if rv.spec.activation:
+            if "max" in ctx.policies:
+                common = P.Reduce(tuple(nodes), mode, name, nodes[0].shape, nodes[0].dtype,
+                                  ctx.origin)
+                for r in roles:
+                    r[name] = r[name].with_node(common)
+            continue
+        sign = factors.get(name)
+        if sign is None:
+            continue
+        target = _absorber(first, name, factors, ctx.policies)
+        if target is None:
+            continue
+        common = P.Reduce(tuple(nodes), mode, name, nodes[0].shape, nodes[0].dtype, ctx.origin)
+        for p, r in zip(parts, roles, strict=True):
+            mine = p.roles[name]
+            tv = p.roles[target]
+            own = _broadcast_to(mine.node, mine, tv, ctx.origin)
+            shared = _broadcast_to(common, mine, tv, ctx.origin)
+            num, den = (own, shared) if sign > 0 else (shared, own)
+            r[target] = tv.with_node(P.Rescale(tv.node, num, den, target, tv.node.shape,
+                                               tv.node.dtype, ctx.origin))
+            r[name] = mine.with_node(common)
+    return [StemValue(p.scheme, p.axes, p.shape, r, p.keys) for p, r in zip(parts, roles,
+                                                                             strict=True)]
+
+
+def _absorber(value: StemValue, scalar: str, factors: dict[str, int], policies: frozenset[str]
+              ) -> str | None:
+    """The role that takes over a reconciled scalar's ratio: block scales for `rescale`, the
+    FP8 weight itself for `requantize`."""
+    if "rescale" in policies:
+        for name, sign in factors.items():
+            rv = value.roles.get(name)
+            if (name != scalar and sign > 0 and rv is not None
+                    and any(a.kind == "blocked" for a in rv.layout)
+                    and rv.node.dtype in ("F8_E4M3", "BF16", "F16", "F32")):
+                return name
+    if "requantize" in policies:
+        primary = value.roles.get(value.scheme.primary)
+        if (primary is not None and primary.node.dtype == "F8_E4M3"
+                and all(a.kind == "plain" for a in primary.layout)
+                and factors.get(value.scheme.primary) == 1):
+            return value.scheme.primary
+    return None
+
+
 @dataclass(frozen=True)
 class Stack(Op):
     """Stack a family over an integer capture at ``dim``; expert ``e`` lands at index ``e``."""
@@ -367,6 +472,7 @@ class Stack(Op):
                 raise ctx.fail(f"stack({self.capture}): {self.capture}={i} has shape "
                                f"{list(p.shape)} but {self.capture}=0 has {list(first.shape)}",
                                key=p.keys[0])
+        parts = _reconcile(parts, self.capture, ctx, shared_only=True)
         axes = first.axes[: self.dim] + (self.capture,) + first.axes[self.dim:]
         shape = first.shape[: self.dim] + (len(parts),) + first.shape[self.dim:]
         roles = {role: _lift(self, parts, role, self.capture, ctx, logical=axes)[0]
@@ -459,6 +565,7 @@ class Concat(Op):
                 raise ctx.fail(f"concat({self.dim}): parts have sizes {widths} along dim "
                                f"{self.dim}, the rule says {want}")
         shape = first.shape[: self.dim] + (sum(widths),) + first.shape[self.dim + 1:]
+        parts = _reconcile(parts, axis, ctx)
         roles = {role: _lift(self, parts, role, axis, ctx, widths=widths)[0]
                  for role in first.roles}
         value = _rebuild(first, first.axes, shape, roles, tuple(k for p in parts for k in p.keys))
@@ -544,6 +651,7 @@ class Interleave(Op):
         k = len(parts)
         shape = first.shape[: self.dim] + (n * k,) + first.shape[self.dim + 1:]
         perm = tuple((r % k) * n + r // k for r in range(n * k))
+        parts = _reconcile(parts, axis, ctx)
         roles = {role: _lift(self, parts, role, axis, ctx, perm=perm)[0] for role in first.roles}
         value = _rebuild(first, first.axes, shape, roles, tuple(k for p in parts for k in p.keys))
         return [Stream("~".join(s.label for s in streams), (), {(): value})]

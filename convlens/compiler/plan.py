@@ -180,21 +180,52 @@ class Verify:
     origin: int
 
 
+@dataclass(frozen=True, slots=True)
+class Reduce:
+    """Lossy reconcile of per-part scalars that should be equal: their elementwise max or min
+    (the ``max`` policy, and the common scale of ``rescale`` / ``requantize``). ``role`` names
+    what is reconciled, for the run report."""
+
+    args: tuple[Node, ...]
+    mode: str  # "max" | "min"
+    role: str
+    shape: Shape
+    dtype: str
+    origin: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rescale:
+    """Lossy: ``arg * num / den`` computed in float64 and cast back to ``dtype``. With
+    ``num == den`` it is exact; the runtime reports the relative error it introduces."""
+
+    arg: Node
+    num: Node
+    den: Node
+    role: str
+    shape: Shape
+    dtype: str
+    origin: int
+
+
 Node = (Load | Stack | Cat | Slice | Select | Permute | Reshape | Same | Take | Unpack | Pack
-        | Const | Verify)
+        | Const | Verify | Reduce | Rescale)
 NODE_TYPES: dict[str, type[Any]] = {
     "load": Load, "stack": Stack, "cat": Cat, "slice": Slice, "select": Select,
     "permute": Permute, "reshape": Reshape, "same": Same, "take": Take, "unpack": Unpack,
-    "pack": Pack, "const": Const, "verify": Verify,
+    "pack": Pack, "const": Const, "verify": Verify, "reduce": Reduce, "rescale": Rescale,
 }
+LOSSY_NODES = (Reduce, Rescale)
 _NODE_NAMES = {cls: name for name, cls in NODE_TYPES.items()}
 
 
 def children(node: Node) -> tuple[Node, ...]:
     if isinstance(node, (Load, Const)):
         return ()
-    if isinstance(node, (Stack, Cat, Same)):
+    if isinstance(node, (Stack, Cat, Same, Reduce)):
         return node.args
+    if isinstance(node, Rescale):
+        return (node.arg, node.num, node.den)
     if isinstance(node, Verify):
         return (node.arg, *node.checks)
     return (node.arg,)
@@ -243,6 +274,23 @@ class Plan:
     rule_counts: dict[int, int] = field(default_factory=dict)  # rule index -> outputs it made
     passthrough: list[str] = field(default_factory=list)  # input keys that no rule touched
 
+    def lossy(self) -> list[str]:
+        """Where the plan may lose precision (a lossy policy was applied): one line each."""
+        seen: set[int] = set()
+        out = []
+        for key, node in self.outputs.items():
+            stack = [node]
+            while stack:
+                n = stack.pop()
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if isinstance(n, LOSSY_NODES):
+                    what = "reconcile" if isinstance(n, Reduce) else "rescale"
+                    out.append(f"{key}: {what} {n.role} ({self.rules[n.origin].label})")
+                stack.extend(children(n))
+        return out
+
     def key_map(self) -> dict[str, list[str]]:
         """Output key -> the input keys it is built from (sorted, unique)."""
         return {k: sorted({leaf.key for leaf in leaves(n)}) for k, n in self.outputs.items()}
@@ -284,6 +332,8 @@ def format_node(node: Node, rules: list[RuleRef] | None = None) -> str:
             extra += f", positions={list(node.positions)}"
     elif isinstance(node, Const):
         return f"const({list(node.values)})"
+    elif isinstance(node, Reduce):
+        extra = f", mode={node.mode}"
     return f"{name}({args}{extra})"
 
 
@@ -296,7 +346,7 @@ def node_to_data(node: Node) -> dict[str, Any]:
         value = getattr(node, name)
         if name in ("args", "checks"):
             value = [node_to_data(a) for a in value]
-        elif name == "arg":
+        elif name in ("arg", "num", "den"):
             value = node_to_data(value)
         elif isinstance(value, tuple):
             value = list(value)
@@ -311,7 +361,7 @@ def node_from_data(data: dict[str, Any]) -> Node:
         value = data[name]
         if name in ("args", "checks"):
             value = tuple(node_from_data(a) for a in value)
-        elif name == "arg":
+        elif name in ("arg", "num", "den"):
             value = node_from_data(value)
         elif isinstance(value, list):
             value = tuple(value)

@@ -40,8 +40,15 @@ class _Group:
 
 
 def plan(program: Program, metas: Mapping[str, TensorMeta], config: Mapping[str, Any] | None = None,
-         *, strict: bool = False) -> P.Plan:
-    """Plan ``program`` over tensors described by ``metas`` (key -> shape and dtype)."""
+         *, strict: bool = False, policies: frozenset[str] = frozenset()) -> P.Plan:
+    """Plan ``program`` over tensors described by ``metas`` (key -> shape and dtype).
+
+    ``policies``: lossy steps the user allows (``max``, ``rescale``, ``requantize``); without
+    them, per-part scalars a fused tensor holds once must be bit-identical."""
+    unknown = set(policies) - set(O.POLICIES)
+    if unknown:
+        raise ConversionError(f"unknown lossy policy {sorted(unknown)[0]!r}; policies: "
+                              + ", ".join(O.POLICIES))
     rules = list(program.rules)
     refs = [r.ref for r in rules]
     state: dict[str, P.Node] = {k: P.Load(k, tuple(m.shape), m.dtype) for k, m in metas.items()}
@@ -54,7 +61,7 @@ def plan(program: Program, metas: Mapping[str, TensorMeta], config: Mapping[str,
         elif rule.kind in ("drop", "restore"):
             state = _copy_pass(rule, index, state, touched, counts)
         else:
-            state = _tensor_pass(rule, index, state, touched, counts, cfg)
+            state = _tensor_pass(rule, index, state, touched, counts, cfg, policies)
     passthrough = [k for k in metas if k not in touched]
     if strict and passthrough:
         shown = ", ".join(passthrough[:10]) + (" ..." if len(passthrough) > 10 else "")
@@ -154,7 +161,8 @@ def _copy_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[st
 
 
 def _tensor_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[str],
-                 counts: dict[int, int], config: Mapping[str, Any]) -> dict[str, P.Node]:
+                 counts: dict[int, int], config: Mapping[str, Any],
+                 policies: frozenset[str]) -> dict[str, P.Node]:
     patterns = rule.src.patterns
     groups: dict[tuple[tuple[str, str], ...], _Group] = {}
     order: list[tuple[str, Any]] = []  # ("key", key) | ("group", gid), in input order
@@ -192,7 +200,7 @@ def _tensor_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[
         if kind == "key":
             _put(out, item, state[item], rule)
             continue
-        for key, node in _build_group(rule, index, groups[item], config):
+        for key, node in _build_group(rule, index, groups[item], config, policies):
             _put(out, key, node, rule)
             _mark(touched, node)
             made += 1
@@ -205,9 +213,10 @@ def _describe(captures: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(captures.items())) or "-"
 
 
-def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any]
-                 ) -> list[tuple[str, P.Node]]:
-    ctx = O.OpContext(index, rule.ref.label, rule.span, config, _describe(group.captures))
+def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any],
+                 policies: frozenset[str] = frozenset()) -> list[tuple[str, P.Node]]:
+    ctx = O.OpContext(index, rule.ref.label, rule.span, config, _describe(group.captures),
+                      policies)
     hints = config_hints(config)
     streams: list[O.Stream] = []
     role_sets: set[frozenset[str]] = set()

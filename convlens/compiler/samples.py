@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from convlens.compiler import ops as O
-from convlens.compiler.layout import PLAIN, default_axes, is_contraction_axis
+from convlens.compiler.layout import (
+    PLAIN,
+    RoleSpec,
+    Scheme,
+    canonical_from_view,
+    default_axes,
+    view_shape,
+)
 from convlens.compiler.naming import key_for
 from convlens.compiler.patterns import CompiledPattern
 from convlens.compiler.planner import TensorMeta
@@ -38,6 +45,7 @@ class Sample:
     metas: dict[str, TensorMeta]
     fills: dict[str, int]
     prelude: list[Rule]
+    consts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # metadata contents
 
 
 @dataclass
@@ -158,14 +166,18 @@ def _stem(p: CompiledPattern, caps: dict[str, str]) -> str:
 
 
 def _solve_parts(rule: Rule, solver: _Solver, config: dict[str, Any], counts: dict[str, int],
-                 rank: int) -> tuple[list[list[int]], bool]:
+                 rank: int, quanta: dict[str, int]) -> tuple[list[list[int]], set[str]]:
     """Symbols for the per-member shape of each source stream of a fusing-direction rule, and
-    whether some op combines parts along a contraction axis (where biases must be equal)."""
+    the axes along which parts are combined (roles without them must be equal in the parts)."""
     ctx = O.OpContext(-1, rule.ref.label, rule.span, config, "sample")
     starts = [[solver.new() for _ in range(rank)] for _ in rule.src.patterns]
     streams = [list(s) for s in starts]
     axes = list(rule.src.axes or default_axes(rank))
-    shared = False
+    for s in starts:
+        for sym, name in zip(s, axes, strict=True):
+            if quanta.get(name, 1) > 1:
+                solver.require_multiple(sym, quanta[name])
+    combined: set[str] = set()
 
     def check(d: int, s: list[int]) -> None:
         if not 0 <= d < len(s):
@@ -186,7 +198,7 @@ def _solve_parts(rule: Rule, solver: _Solver, config: dict[str, Any], counts: di
         elif isinstance(op, (O.Concat, O.Interleave)):
             first = streams[0]
             check(op.dim, first)
-            shared = shared or is_contraction_axis(axes[op.dim])
+            combined.add(axes[op.dim])
             for s in streams[1:]:
                 if len(s) != len(first):
                     raise SampleError("parts of different ranks")
@@ -237,7 +249,7 @@ def _solve_parts(rule: Rule, solver: _Solver, config: dict[str, Any], counts: di
             axes[op.dim + 1: op.dim + 1] = [f"k{i}" for i in range(90, 89 + len(sizes))]
         else:  # pragma: no cover - every op is handled above
             raise SampleError(f"no sampler for {op.name}")
-    return starts, shared
+    return starts, combined
 
 
 def _fusing(rule: Rule) -> tuple[Rule, bool]:
@@ -246,7 +258,7 @@ def _fusing(rule: Rule) -> tuple[Rule, bool]:
 
 
 def sample_rule(program: Program, index: int, rng: random.Random, config: dict[str, Any],
-                fill: Iterator[int]) -> Sample:
+                fill: Iterator[int], scheme: Scheme = PLAIN) -> Sample:
     rule = program.rules[index]
     prelude = [r.inverse() for r in reversed(program.rules[:index])]
     metas: dict[str, TensorMeta] = {}
@@ -266,11 +278,13 @@ def sample_rule(program: Program, index: int, rng: random.Random, config: dict[s
     if inverted:
         prelude = [rule.inverse(), *prelude]
     counts = {c: rng.randint(1, 3) for c in gen.stacked + gen.unstacked}
+    quanta = _quanta(scheme)
     last: SampleError | None = None
-    for rank in ([len(gen.src.axes)] if gen.src.axes else [2, 3, 5]):
+    ranks = [len(gen.src.axes)] if gen.src.axes else [2, 3] if scheme.quantized else [2, 3, 5]
+    for rank in ranks:
         solver = _Solver(rng)
         try:
-            starts, shared = _solve_parts(gen, solver, config, counts, rank)
+            starts, combined = _solve_parts(gen, solver, config, counts, rank, quanta)
             shapes = [tuple(solver.value(s) for s in syms) for syms in starts]
         except SampleError as exc:
             last = exc
@@ -279,28 +293,68 @@ def sample_rule(program: Program, index: int, rng: random.Random, config: dict[s
     else:
         raise SampleError(f"{rule.ref.label}: {last}")
     axes = gen.src.axes or default_axes(rank)
-    with_bias = rank >= 1 and rng.random() < 0.5
-    bias_axes = [a.name for a in PLAIN.roles["bias"].layout(axes, True)]
-    group_bias: dict[int, int] = {}
+    present = [name for name, spec in scheme.roles.items()
+               if not spec.optional or rng.random() < 0.5]
+    views = {name: rng.choice((None, *range(len(spec.views)))) if spec.views else None
+             for name, spec in scheme.roles.items()}
+    common: dict[tuple[Any, ...], int] = {}
+    consts: dict[str, tuple[int, ...]] = {}
     for group in range(rng.randint(1, 2)):
         gcaps = caps if group == 0 else _capture_values(rule, rng, {})
         for j, pattern in enumerate(gen.src.patterns):
-            shape = shapes[j]
+            sizes = dict(zip(axes, shapes[j], strict=True))
             for idx in _indices([counts[c] for c in gen.stacked]):
                 c = dict(gcaps)
                 c.update({name: str(i) for name, i in zip(gen.stacked, idx, strict=True)})
                 stem = _stem(pattern, c)
-                key = key_for(stem, "weight", gen.src.naming)
-                metas[key] = TensorMeta(shape, "F32")
-                fills[key] = next(fill)
-                if with_bias:
-                    size = dict(zip(axes, shape, strict=True))
-                    bkey = key_for(stem, "bias", gen.src.naming)
-                    metas[bkey] = TensorMeta(tuple(size[a] for a in bias_axes), "F32")
-                    fills[bkey] = next(fill)
-                    if shared:  # parts fused along an axis the bias lacks share one bias
-                        fills[bkey] = group_bias.setdefault(group, fills[bkey])
-    return Sample(rule, metas, fills, prelude)
+                for name in present:
+                    spec = scheme.roles[name]
+                    key = key_for(stem, name, gen.src.naming)
+                    metas[key] = _role_meta(spec, axes, sizes, views[name])
+                    fills[key] = next(fill)
+                    # roles the parts can only hold once must be equal where parts meet
+                    if spec.kind == "shape":
+                        consts[key] = tuple(sizes[a] for a in axes)
+                        continue
+                    carried = {a.name for a in spec.layout(axes, not spec.shared)}
+                    if spec.shared:
+                        fills[key] = common.setdefault((group, name), fills[key])
+                    elif combined - carried:
+                        fills[key] = common.setdefault((group, name, idx), fills[key])
+    return Sample(rule, metas, fills, prelude, consts)
+
+
+def _value(text: str) -> str | int | bool:
+    if text in ("True", "False"):
+        return text == "True"
+    return int(text) if text.isdigit() else text
+
+
+def _quanta(scheme: Scheme) -> dict[str, int]:
+    """Per logical axis, the multiple every size must be for this scheme's packing and blocks."""
+    out: dict[str, int] = {}
+    for spec in scheme.roles.values():
+        for a in spec.axes:
+            if a.kind != "plain":
+                out[a.name] = math.lcm(out.get(a.name, 1), a.factor)
+    return out
+
+
+def _role_meta(spec: RoleSpec, axes: tuple[str, ...], sizes: dict[str, int],
+               view: int | None) -> TensorMeta:
+    if spec.kind == "shape":
+        return TensorMeta((len(axes),), spec.dtype or "I64")
+    layout = spec.layout(axes, not spec.shared)
+    shape = tuple(a.physical(sizes[a.name]) for a in layout)
+    if view is not None:
+        own = {a.name for a in spec.axes}
+        lead = 0
+        while lead < len(layout) and layout[lead].name not in own:
+            lead += 1
+        stored = shape[:lead] + view_shape(spec.views[view], sizes)
+        if canonical_from_view(spec.views[view], stored, lead, len(layout) - lead) == shape:
+            shape = stored
+    return TensorMeta(shape, "F32" if spec.dtype in (None, "float") else spec.dtype)
 
 
 def _indices(counts: list[int]) -> Iterator[tuple[int, ...]]:
@@ -312,9 +366,14 @@ def _indices(counts: list[int]) -> Iterator[tuple[int, ...]]:
             yield (i, *rest)
 
 
-def sample_program(program: Program, seed: int) -> tuple[list[Sample], dict[str, Any]]:
+def sample_program(program: Program, seed: int, scheme: Scheme = PLAIN
+                   ) -> tuple[list[Sample], dict[str, Any]]:
+    """Samples for every rule of ``program``; tensor rules get stems stored in ``scheme``."""
     rng = random.Random(seed)
     config = sample_config(program, rng)
+    if scheme.detects:  # as a real checkpoint's config would say, so detection is not guessing
+        config["quantization_config"] = {k: _value(sorted(v)[0]) for k, v in scheme.detects.items()}
     counter = iter(range(1, 1 << 30))
-    samples = [sample_rule(program, i, rng, config, counter) for i in range(len(program.rules))]
+    samples = [sample_rule(program, i, rng, config, counter, scheme)
+               for i in range(len(program.rules))]
     return samples, config

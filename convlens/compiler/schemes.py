@@ -65,8 +65,8 @@ def compile_scheme(node: ast.Scheme) -> Scheme:
 
 def _role(decl: ast.RoleDecl) -> RoleSpec:
     dtype: str | None = decl.dtype
-    if decl.dtype == "any":  # the model's dtype, whatever it is (biases, some scales)
-        dtype = None
+    if decl.dtype == "float":  # the model's float dtype, whatever it is (biases, some scales)
+        pass
     elif decl.dtype not in DTYPE_SIZES:
         raise RuleError(f"role {decl.name}: unknown dtype {decl.dtype!r}", span=decl.span,
                         hint=did_you_mean(decl.dtype, sorted(DTYPE_SIZES)))
@@ -103,7 +103,8 @@ def _role(decl: ast.RoleDecl) -> RoleSpec:
                 raise RuleError(f"role {decl.name}: the stored shape uses {d.axis}, which the "
                                 "role does not store", span=decl.span)
     return RoleSpec(decl.name, dtype, "tensor", tuple(axes), views,
-                    shared="shared" in flags, optional="optional" in flags)
+                    shared="shared" in flags, optional="optional" in flags,
+                    activation="activation" in flags, reciprocal="reciprocal" in flags)
 
 
 def _formula(e: ast.Expr, roles: Mapping[str, RoleSpec]) -> Any:
@@ -149,20 +150,24 @@ def scheme(name: str) -> Scheme:
 
 
 def config_hints(config: Mapping[str, Any]) -> frozenset[str]:
-    """Strings in a config's quantization sections that may name a scheme (quant_method,
-    quant_algo, format, ...). ``hf_quant_config`` may be merged in under its own key."""
+    """``key=value`` pairs from a config's quantization sections (quant_method, quant_algo,
+    format, strategy, num_bits, ...) that schemes name in their ``for`` lines.
+    ``hf_quant_config`` may be merged in under its own key."""
     found: set[str] = set()
 
-    def walk(value: Any, depth: int) -> None:
-        if depth > 3:
+    def walk(value: Any, key: str, depth: int) -> None:
+        if depth > 6:
             return
-        if isinstance(value, str):
-            found.add(value)
+        if isinstance(value, (str, int, bool)):
+            found.add(f"{key}={value}")
         elif isinstance(value, Mapping):
-            for v in value.values():
-                walk(v, depth + 1)
+            for k, v in value.items():
+                walk(v, str(k), depth + 1)
+        elif isinstance(value, list):
+            for v in value[:64]:
+                walk(v, key, depth + 1)
 
     for key in ("quantization_config", "compression_config", "hf_quant_config", "quantization"):
         if key in config:
-            walk(config[key], 0)
+            walk(config[key], key, 0)
     return frozenset(found)

@@ -14,6 +14,7 @@ import torch
 from convlens.compiler import plan as P
 from convlens.errors import ConversionError
 from convlens.runtime.dtypes import TORCH_DTYPES
+from convlens.runtime.report import LossyEvent, RunReport
 
 
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -32,9 +33,12 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
-def execute(plan: P.Plan, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every output of ``plan``, computed from ``tensors`` (which must hold every Load key)."""
+def execute(plan: P.Plan, tensors: Mapping[str, torch.Tensor],
+            report: RunReport | None = None) -> dict[str, torch.Tensor]:
+    """Every output of ``plan``, computed from ``tensors`` (which must hold every Load key).
+    Lossy steps taken under a policy are appended to ``report``."""
     memo: dict[int, torch.Tensor] = {}
+    events = report.lossy if report is not None else []
 
     def fail(node: P.Node, message: str) -> ConversionError:
         rule = plan.rules[node.origin].label if 0 <= node.origin < len(plan.rules) else None
@@ -45,7 +49,14 @@ def execute(plan: P.Plan, tensors: Mapping[str, torch.Tensor]) -> dict[str, torc
         cached = memo.get(id(node))
         if cached is not None:
             return cached
-        value = load(node) if isinstance(node, P.Load) else _EVAL[type(node)](node, ev, fail)
+        if isinstance(node, P.Load):
+            value = load(node)
+        elif isinstance(node, P.Reduce):
+            value = _reduce(node, ev, plan, events)
+        elif isinstance(node, P.Rescale):
+            value = _rescale(node, ev, plan, events)
+        else:
+            value = _EVAL[type(node)](node, ev, fail)
         if tuple(value.shape) != node.shape:  # pragma: no cover - planner and executor disagree
             raise fail(node, f"planned shape {list(node.shape)} but got {list(value.shape)}")
         memo[id(node)] = value
@@ -61,6 +72,24 @@ def execute(plan: P.Plan, tensors: Mapping[str, torch.Tensor]) -> dict[str, torc
     return {key: ev(node) for key, node in plan.outputs.items()}
 
 
+def _difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    """Where two tensors first differ, with both values (for messages)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f": {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+    if a.numel() == 1:
+        return f": {a.double().item()!r} vs {b.double().item()!r}"
+    diff = (_bytes(a).reshape(a.numel(), -1) != _bytes(b).reshape(b.numel(), -1)).any(1)
+    i = int(diff.nonzero()[0, 0]) if bool(diff.any()) else 0
+    where = list(torch.unravel_index(torch.tensor(i), a.shape)) if a.dim() else []
+    index = [int(w) for w in where]
+    return (f": at {index} {a.reshape(-1)[i].double().item()!r} vs "
+            f"{b.reshape(-1)[i].double().item()!r}")
+
+
+POLICY_HINT = ("if a lossy step is acceptable, allow a policy: max (activation scales), "
+               "rescale (NVFP4: move the ratio into the block scales), requantize (FP8 weights)")
+
+
 def _same(node: P.Same, ev: Callable[[P.Node], torch.Tensor],
           fail: Callable[[P.Node, str], ConversionError]) -> torch.Tensor:
     values = [ev(a) for a in node.args]
@@ -68,12 +97,13 @@ def _same(node: P.Same, ev: Callable[[P.Node], torch.Tensor],
         if not bit_equal(values[0], v):
             k0 = sorted({leaf.key for leaf in P.leaves(node.args[0])})
             ki = sorted({leaf.key for leaf in P.leaves(node.args[i])})
-            detail = ""
-            if values[0].numel() == 1 and v.numel() == 1:
-                detail = f": {values[0].float().item()!r} vs {v.float().item()!r}"
-            raise fail(node, f"{', '.join(ki) or 'a recomputed value'} must equal "
+            detail = _difference(values[0], v)
+            err = fail(node, f"{', '.join(ki) or 'a recomputed value'} must equal "
                        f"{', '.join(k0) or 'a recomputed value'} bit for bit (the result keeps "
                        f"one of them), but they differ{detail}")
+            if detail:
+                err.hint = POLICY_HINT
+            raise err
     return values[0]
 
 
@@ -82,6 +112,47 @@ def _verify(node: P.Verify, ev: Callable[[P.Node], torch.Tensor],
     for check in node.checks:
         ev(check)
     return ev(node.arg)
+
+
+def _rule(plan: P.Plan, node: P.Node) -> str:
+    return plan.rules[node.origin].label if 0 <= node.origin < len(plan.rules) else "?"
+
+
+def _keys(node: P.Node) -> tuple[str, ...]:
+    return tuple(sorted({leaf.key for leaf in P.leaves(node)}))
+
+
+def _reduce(node: P.Reduce, ev: Callable[[P.Node], torch.Tensor], plan: P.Plan,
+            events: list[LossyEvent]) -> torch.Tensor:
+    values = [ev(a) for a in node.args]
+    if all(bit_equal(values[0], v) for v in values[1:]):
+        return values[0]
+    stacked = torch.stack([v.to(torch.float64) for v in values])
+    common = stacked.amax(0) if node.mode == "max" else stacked.amin(0)
+    out = common.to(values[0].dtype)
+    shown = [v.to(torch.float64).flatten()[:4].tolist() for v in values]
+    events.append(LossyEvent(_rule(plan, node), node.role, _keys(node), f"reconcile ({node.mode})",
+                             f"parts {shown} -> {out.to(torch.float64).flatten()[:4].tolist()}",
+                             float(((stacked - common).abs() / common.abs().clamp_min(1e-30))
+                                   .max())))
+    return out
+
+
+def _rescale(node: P.Rescale, ev: Callable[[P.Node], torch.Tensor], plan: P.Plan,
+             events: list[LossyEvent]) -> torch.Tensor:
+    x, num, den = ev(node.arg), ev(node.num), ev(node.den)
+    if bit_equal(num, den):
+        return x
+    ratio = num.to(torch.float64) / den.to(torch.float64)
+    exact = x.to(torch.float64) * ratio
+    out = exact.to(x.dtype)
+    nonzero = exact != 0
+    err = ((out.to(torch.float64) - exact).abs() / exact.abs().clamp_min(1e-300))[nonzero]
+    naive = float((ratio - 1).abs().max())
+    events.append(LossyEvent(_rule(plan, node), node.role, _keys(node.arg), "rescale",
+                             f"by {ratio.flatten()[:4].tolist()}",
+                             float(err.max()) if err.numel() else 0.0, naive))
+    return out
 
 
 def unpack(t: torch.Tensor, dim: int, factor: int, bits: int, positions: tuple[int, ...]
