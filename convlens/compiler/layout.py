@@ -36,6 +36,9 @@ ORDERS: dict[str, tuple[int, ...] | None] = {"lo": None, "hi": None,
 CODECS = frozenset({"e2m1", "u4", "s4", "u4o8", "u8", "s8", "u8o128", "u2", "u3"})
 
 
+BNB_MARKERS = ("absmax", "quant_map", "quant_state", "nested_", "SCB", "weight_format")
+
+
 def default_axes(rank: int) -> tuple[str, ...]:
     """Logical axis names of a weight of this rank when the endpoint does not declare them."""
     if rank == 0:
@@ -119,6 +122,7 @@ class RoleSpec:
     optional: bool = False
     activation: bool = False  # an activation scale (the `max` policy applies)
     reciprocal: bool = False  # stored as 1/scale (compressed-tensors global scales)
+    index: bool = False  # values are positions along its axis (GPTQ g_idx)
 
     def follows_logical_order(self) -> bool:
         names = [a.name for a in self.axes]
@@ -283,6 +287,11 @@ def detect(schemes: tuple[Scheme, ...], roles: Mapping[str, RoleMeta],
     Schemes named by ``hints`` (values from the checkpoint's quantization config) are tried
     first; the first scheme that fits every present role wins."""
     names = set(roles)
+    bnb = sorted(n for n in names if any(m in n for m in BNB_MARKERS))
+    if bnb:
+        return (f"bitsandbytes-quantized tensors ({', '.join(bnb)}) are not supported: their "
+                "blocks run over the flattened tensor with a packed JSON state; dequantize, "
+                "convert, and quantize again (bitsandbytes quantization needs no data)")
     near: list[str] = []  # schemes whose roles are all there, but shapes or dtypes differ
     missing: list[str] = []
     ordered = sorted(schemes, key=lambda s: -s.hint_score(hints))

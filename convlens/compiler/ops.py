@@ -950,9 +950,17 @@ def _keep_one(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, **_: An
     return [parts[0].with_node(n_same([p.node for p in parts], ctx.origin))]
 
 
+def _refuse_index(op: Op, rv: RoleValue, axis: str, ctx: OpContext) -> None:
+    if rv.spec.index:
+        raise ctx.fail(f"{op.name} along {axis}: role {rv.spec.name} holds positions along {axis} "
+                       "(an index such as GPTQ g_idx), which slicing or joining would invalidate",
+                       role=rv.spec.name, key=rv.key)
+
+
 def _lift_concat(op: Concat, parts: list[RoleValue], axis: str, ctx: OpContext, *,
                  widths: list[int]) -> list[RoleValue]:
     pos, ax = _pos(parts[0], axis)
+    _refuse_index(op, parts[0], axis, ctx)
     if ax.kind != "plain":
         _aligned(ctx, op, parts[0], ax, widths, str(op.dim))
     return [parts[0].with_node(n_cat([p.node for p in parts], pos, ctx.origin))]
@@ -962,6 +970,7 @@ def _lift_split(op: Split, parts: list[RoleValue], axis: str, ctx: OpContext, *,
                 widths: list[int]) -> list[RoleValue]:
     rv = parts[0]
     pos, ax = _pos(rv, axis)
+    _refuse_index(op, rv, axis, ctx)
     if ax.kind != "plain":
         _aligned(ctx, op, rv, ax, widths, str(op.dim))
     out, start = [], 0

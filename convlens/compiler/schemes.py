@@ -104,7 +104,8 @@ def _role(decl: ast.RoleDecl) -> RoleSpec:
                                 "role does not store", span=decl.span)
     return RoleSpec(decl.name, dtype, "tensor", tuple(axes), views,
                     shared="shared" in flags, optional="optional" in flags,
-                    activation="activation" in flags, reciprocal="reciprocal" in flags)
+                    activation="activation" in flags, reciprocal="reciprocal" in flags,
+                    index="index" in flags)
 
 
 def _formula(e: ast.Expr, roles: Mapping[str, RoleSpec]) -> Any:

@@ -74,8 +74,8 @@ def evaluate(formula: Any, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
     kind = formula[0]
     if kind == "int":
         return torch.tensor(float(formula[1]), dtype=torch.float64)
-    if kind == "role":
-        return values[formula[1]]
+    if kind == "role":  # an optional role that is absent (a folded pre_quant_scale) is 1
+        return values.get(formula[1], torch.tensor(1.0, dtype=torch.float64))
     if kind == "call":
         x = evaluate(formula[2], values)
         if formula[1] == "e8m0":
