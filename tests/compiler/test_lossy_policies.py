@@ -13,14 +13,15 @@ from convlens.checking import _dequantized, _stems
 from convlens.runtime.report import RunReport
 
 FUSE = 'conversion t\nfuse "{p*}.gate_proj", "{p*}.up_proj" -> "{p*}.gate_up_proj" by concat(0)\n'
-H, I = 64, 32
+HIDDEN, INTER = 64, 32
 
 
 def nvfp4_part(seed: int, s2: float, input_scale: float) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # block scales drawn like a real export: amax/6 of each 16-block, so mid-range in fp8
-    return {"weight": torch.randint(0, 256, (I, H // 2), generator=g, dtype=torch.uint8),
-            "weight_scale": (torch.rand(I, H // 16, generator=g) * 200 + 20).to(
+    return {"weight": torch.randint(0, 256, (INTER, HIDDEN // 2), generator=g,
+                                    dtype=torch.uint8),
+            "weight_scale": (torch.rand(INTER, HIDDEN // 16, generator=g) * 200 + 20).to(
                 torch.float8_e4m3fn),
             "weight_scale_2": torch.tensor(s2),
             "input_scale": torch.tensor(input_scale)}
@@ -28,7 +29,7 @@ def nvfp4_part(seed: int, s2: float, input_scale: float) -> dict[str, torch.Tens
 
 def fp8_part(seed: int, scale: float) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(I, H, generator=g) * 100).clamp(-440, 440).to(torch.float8_e4m3fn)
+    w = (torch.randn(INTER, HIDDEN, generator=g) * 100).clamp(-440, 440).to(torch.float8_e4m3fn)
     return {"weight": w, "weight_scale": torch.tensor(scale), "input_scale": torch.tensor(0.5)}
 
 
