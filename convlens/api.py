@@ -150,26 +150,29 @@ class Conversion:
         return result
 
     def _run(self, state_dict: Mapping[str, torch.Tensor], config: Any, direction: Direction,
-             strict: bool, policies: Iterable[str], report: RunReport | None
+             strict: bool, policies: Iterable[str], report: RunReport | None, copy: bool
              ) -> dict[str, torch.Tensor]:
         p = self.plan(metas_of(state_dict), config, direction=direction, strict=strict,
                       policies=policies)
-        return execute(p, state_dict, report)
+        return execute(p, state_dict, report, copy=copy)
 
     def apply(self, state_dict: Mapping[str, torch.Tensor], config: Any = None, *,
               strict: bool = False, policies: Iterable[str] = (),
-              report: RunReport | None = None) -> dict[str, torch.Tensor]:
-        """Forward conversion of an in-memory state dict (views where possible).
+              report: RunReport | None = None, copy: bool = False) -> dict[str, torch.Tensor]:
+        """Forward conversion of an in-memory state dict.
 
-        ``strict``: keys no rule matches are an error. ``policies``: lossy steps allowed;
-        each one taken is appended to ``report.lossy`` with its measured error."""
-        return self._run(state_dict, config, "apply", strict, policies, report)
+        Outputs are views of the inputs where possible (a scale duplicated to several experts
+        is one tensor); ``copy=True`` gives each output its own contiguous memory, as
+        ``safetensors.torch.save_file`` requires. ``strict``: keys no rule matches are an
+        error. ``policies``: lossy steps allowed; each one taken is appended to
+        ``report.lossy`` with its measured error."""
+        return self._run(state_dict, config, "apply", strict, policies, report, copy)
 
     def revert(self, state_dict: Mapping[str, torch.Tensor], config: Any = None, *,
                strict: bool = False, policies: Iterable[str] = (),
-               report: RunReport | None = None) -> dict[str, torch.Tensor]:
-        """Inverse conversion of an in-memory state dict (views where possible)."""
-        return self._run(state_dict, config, "revert", strict, policies, report)
+               report: RunReport | None = None, copy: bool = False) -> dict[str, torch.Tensor]:
+        """Inverse conversion of an in-memory state dict; arguments as for :meth:`apply`."""
+        return self._run(state_dict, config, "revert", strict, policies, report, copy)
 
     def __repr__(self) -> str:
         return f"<Conversion {self.name} ({len(self.program.rules)} rules)>"

@@ -115,7 +115,8 @@ def generate_state_dict(program: Program, seed: int, scheme: Scheme = PLAIN
     for sample in samples:
         tensors = {k: make_tensor(m, sample.fills[k]) for k, m in sample.metas.items()}
         for k, values in sample.consts.items():
-            tensors[k] = torch.tensor(values, dtype=TORCH_DTYPES[sample.metas[k].dtype])
+            meta = sample.metas[k]
+            tensors[k] = torch.tensor(values, dtype=TORCH_DTYPES[meta.dtype]).reshape(meta.shape)
         if sample.prelude:
             pre = Program(program.name, program.path, (), (), tuple(sample.prelude))
             try:

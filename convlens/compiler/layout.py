@@ -294,9 +294,15 @@ def detect(schemes: tuple[Scheme, ...], roles: Mapping[str, RoleMeta],
                 "convert, and quantize again (bitsandbytes quantization needs no data)")
     near: list[str] = []  # schemes whose roles are all there, but shapes or dtypes differ
     missing: list[str] = []
+    extra: list[tuple[int, int, int, str]] = []  # schemes that lack some present role
     ordered = sorted(schemes, key=lambda s: -s.hint_score(hints))
     for scheme in ordered:
         if not names <= set(scheme.roles):
+            unknown = sorted(names - set(scheme.roles))
+            fitting = sum(1 for n in names & set(scheme.roles)
+                          if dtype_fits(scheme.roles[n].dtype, roles[n].dtype))
+            extra.append((len(unknown), -fitting, -scheme.hint_score(hints),
+                          f"{scheme.name} has no role {', '.join(unknown)}"))
             continue
         required = {r for r, spec in scheme.roles.items() if not spec.optional}
         if not required <= names:
@@ -308,6 +314,8 @@ def detect(schemes: tuple[Scheme, ...], roles: Mapping[str, RoleMeta],
             continue
         return fit
     reasons = near or missing
+    if extra:  # the scheme closest by roles, and what it lacks
+        reasons = [min(extra)[3], *reasons]
     known = sorted({r for s in schemes for r in s.roles})
     unknown = sorted(names - set(known))
     if unknown:

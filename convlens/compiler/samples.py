@@ -316,6 +316,12 @@ def sample_rule(program: Program, index: int, rng: random.Random, config: dict[s
                     if spec.kind == "shape":
                         consts[key] = tuple(sizes[a] for a in axes)
                         continue
+                    if spec.index:  # the plain group of each element: i // block
+                        axis = spec.axes[0].name
+                        block = quanta.get(axis, 1)
+                        per = tuple(i // block for i in range(sizes[axis]))
+                        consts[key] = per * (math.prod(metas[key].shape) // len(per))
+                        continue
                     carried = {a.name for a in spec.layout(axes, not spec.shared)}
                     if spec.shared:
                         fills[key] = common.setdefault((group, name), fills[key])

@@ -43,8 +43,12 @@ def decode_codes(codes: torch.Tensor, codec: str) -> torch.Tensor:
 
 
 def role_on_logical(t: torch.Tensor, layout: tuple[AxisSpec, ...], logical: tuple[str, ...],
-                    shape: tuple[int, ...]) -> torch.Tensor:
-    """One role, canonical layout -> float64 broadcastable to the logical shape."""
+                    shape: tuple[int, ...],
+                    groups: Mapping[str, tuple[torch.Tensor, tuple[str, ...]]] | None = None
+                    ) -> torch.Tensor:
+    """One role, canonical layout -> float64 broadcastable to the logical shape. ``groups``
+    maps an axis to the block of each element (GPTQ act-order g_idx) where blocks are not
+    contiguous."""
     sizes = dict(zip(logical, shape, strict=True))
     x = t
     packed = [i for i, a in enumerate(layout) if a.kind == "packed"]
@@ -57,7 +61,9 @@ def role_on_logical(t: torch.Tensor, layout: tuple[AxisSpec, ...], logical: tupl
     else:
         x = x.to(torch.float64)
     for i, a in enumerate(layout):
-        if a.kind == "blocked":
+        if a.kind == "blocked" and groups and a.name in groups:
+            x = _gather_groups(x, i, layout, *groups[a.name])
+        elif a.kind == "blocked":
             x = x.repeat_interleave(a.factor, dim=i).narrow(i, 0, sizes[a.name])
         if a.kind == "packed":
             x = x.narrow(i, 0, sizes[a.name])
@@ -70,20 +76,37 @@ def role_on_logical(t: torch.Tensor, layout: tuple[AxisSpec, ...], logical: tupl
     return x.reshape(view)
 
 
-def evaluate(formula: Any, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _gather_groups(x: torch.Tensor, dim: int, layout: tuple[AxisSpec, ...], index: torch.Tensor,
+                   index_axes: tuple[str, ...]) -> torch.Tensor:
+    """x[..., index[...,i], ...] along ``dim``: each element takes its own block's value. The
+    index may carry stacked axes too (one g_idx per expert)."""
+    names = [a.name for a in layout]
+    order = sorted(range(len(index_axes)), key=lambda k: names.index(index_axes[k]))
+    idx = index.to(torch.int64).permute(order)
+    present = [index_axes[k] for k in order]
+    view = [idx.shape[present.index(n)] if n in present else 1 for n in names]
+    shape = list(x.shape)
+    shape[dim] = idx.shape[present.index(names[dim])]
+    return torch.gather(x, dim, idx.reshape(view).expand(shape))
+
+
+def evaluate(formula: Any, values: Mapping[str, torch.Tensor],
+             optional: frozenset[str] = frozenset()) -> torch.Tensor:
     kind = formula[0]
     if kind == "int":
         return torch.tensor(float(formula[1]), dtype=torch.float64)
-    if kind == "role":  # an optional role that is absent (a folded pre_quant_scale) is 1
-        return values.get(formula[1], torch.tensor(1.0, dtype=torch.float64))
+    if kind == "role":
+        if formula[1] not in values and formula[1] in optional:
+            return torch.tensor(1.0, dtype=torch.float64)  # e.g. a folded pre_quant_scale
+        return values[formula[1]]
     if kind == "call":
-        x = evaluate(formula[2], values)
+        x = evaluate(formula[2], values, optional)
         if formula[1] == "e8m0":
             return torch.pow(2.0, x - 127.0)
         if formula[1] == "recip":
             return 1.0 / x
         raise ValueError(formula[1])
-    a, b = evaluate(formula[1], values), evaluate(formula[2], values)
+    a, b = evaluate(formula[1], values, optional), evaluate(formula[2], values, optional)
     if kind == "+":
         return a + b
     if kind == "-":
@@ -101,13 +124,17 @@ def dequantize(scheme: Scheme, roles: Mapping[str, torch.Tensor],
         return roles[scheme.primary].to(torch.float64)
     values = {}
     sizes = dict(zip(logical, shape, strict=True))
+    # index roles (GPTQ g_idx) say which block each element of their axis belongs to
+    groups = {scheme.roles[n].axes[0].name: (roles[n], tuple(a.name for a in layouts[n]))
+              for n in roles if scheme.roles[n].index and scheme.roles[n].axes}
     for name, t in roles.items():
         spec = scheme.roles[name]
-        if spec.kind == "shape":
+        if spec.kind == "shape" or spec.index:
             continue
         layout = layouts[name]
         canonical = tuple(
             a.physical(sizes[a.name]) for a in layout)
         x = t.reshape(canonical) if views.get(name) is not None or t.shape != canonical else t
-        values[name] = role_on_logical(x, layout, logical, shape)
-    return evaluate(scheme.dequant, values).expand(shape)
+        values[name] = role_on_logical(x, layout, logical, shape, groups)
+    optional = frozenset(n for n, spec in scheme.roles.items() if spec.optional)
+    return evaluate(scheme.dequant, values, optional).expand(shape)

@@ -34,9 +34,11 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def execute(plan: P.Plan, tensors: Mapping[str, torch.Tensor],
-            report: RunReport | None = None) -> dict[str, torch.Tensor]:
+            report: RunReport | None = None, *, copy: bool = False) -> dict[str, torch.Tensor]:
     """Every output of ``plan``, computed from ``tensors`` (which must hold every Load key).
-    Lossy steps taken under a policy are appended to ``report``."""
+    Lossy steps taken under a policy are appended to ``report``. With ``copy``, every output
+    is a contiguous tensor of its own (what ``safetensors.torch.save_file`` needs); otherwise
+    outputs are views of the inputs where possible and may share memory."""
     memo: dict[int, torch.Tensor] = {}
     events = report.lossy if report is not None else []
 
@@ -69,7 +71,24 @@ def execute(plan: P.Plan, tensors: Mapping[str, torch.Tensor],
             raise ConversionError(f"tensor {node.key!r} is missing", key=node.key) from None
         return t
 
-    return {key: ev(node) for key, node in plan.outputs.items()}
+    result = {key: ev(node) for key, node in plan.outputs.items()}
+    return separate(result, tensors) if copy else result
+
+
+def separate(outputs: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
+             ) -> dict[str, torch.Tensor]:
+    """Contiguous outputs that share no memory with each other or with the inputs."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs.values() if t.numel()}
+    out = {}
+    for key, t in outputs.items():
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr in taken or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+            ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None:
+            taken.add(ptr)
+        out[key] = t
+    return out
 
 
 def _difference(a: torch.Tensor, b: torch.Tensor) -> str:

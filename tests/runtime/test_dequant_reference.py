@@ -86,6 +86,8 @@ SEQ8 = tuple(range(8))  # compressed-tensors int4: element i at bits 4i
 REV8 = tuple(reversed(range(8)))
 SEQ4 = tuple(range(4))  # compressed-tensors int8: element i at bits 8i
 REV4 = tuple(reversed(range(4)))
+AWQ_NIBBLE_HOLDS = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ: nibble k holds element AWQ_ORDER[k]
+AWQ8 = tuple(AWQ_NIBBLE_HOLDS.index(j) for j in range(8))  # element j -> its nibble (0,4,1,...)
 
 
 def pack_fp4_rows(codes: list[list[int]], slot: Sequence[int] = LO2) -> list[list[int]]:
@@ -316,6 +318,147 @@ def ct_int8(flip: bool = False) -> Case:
     }, expected, wrong={"no +128 offset": no_offset})
 
 
+# --- ModelOpt INT4 AWQ / W4A8 AWQ / INT8 SmoothQuant (reference sections 1 and 2) ------------
+
+
+def pack_int4_along_out(q: list[list[int]], slot: Sequence[int] = LO2) -> list[list[int]]:
+    """[out, in] signed int4 -> [out/2, in] bytes: rows 2k and 2k+1 share byte [k, j], each
+    nibble the two's complement of its value (q & 0xF)."""
+    return [[pack_word([q[2 * k][j] & 0xF, q[2 * k + 1][j] & 0xF], 4, slot)
+             for j in range(len(q[0]))] for k in range(len(q) // 2)]
+
+
+def awq_scale(o: int, g: int, e: int = 0) -> float:
+    """Distinct per (row, group), exact in bf16/fp16/f32."""
+    return (1 + (o * 3 + g * 5 + e) % 7) * 2.0 ** -((o + 2 * g + e) % 6)
+
+
+def pqs_value(i: int) -> float:
+    return 0.5 + 0.25 * ((i * 7) % 9)  # 0.5 .. 2.5, bf16-exact, 1.0 included
+
+
+def modelopt_int4_awq(flip: bool = False, pqs: bool = True, w4a8: bool = False,
+                      s2_view: bool = False, e: int = 0) -> Case:
+    """weight U8 [out/2, in]: int4 packed along OUT, even row in the low nibble, two's
+    complement; weight_scale F32 [out, ceil(in/128)]; pre_quant_scale bf16 [in] multiplies
+    column j. W4A8 adds weight_scale_2 / input_scale, which the dequantization ignores."""
+    OUT, IN = 6, 136  # 3 byte rows; 2 groups of 128, the last one partial (8)
+    q = grid(OUT, IN, lambda o, i: (o * 5 + i * 3 + e * 7 + 1) % 16 - 8)  # -8..7
+    nib = grid(OUT, IN, lambda o, i: q[o][i] & 0xF)
+    s = grid(OUT, 2, lambda o, g: awq_scale(o, g, e))
+    p = [pqs_value(i) if pqs else 1.0 for i in range(IN)]
+    expected = grid(OUT, IN, lambda o, i: q[o][i] * s[o][i // 128] * p[i])
+    wrong = {
+        "unsigned nibbles": grid(OUT, IN, lambda o, i: nib[o][i] * s[o][i // 128] * p[i]),
+        "+8 offset (u4o8)": grid(OUT, IN, lambda o, i: (nib[o][i] - 8) * s[o][i // 128] * p[i]),
+        "groups of 64": grid(OUT, IN, lambda o, i: q[o][i] * s[o][min(i // 64, 1)] * p[i]),
+        "scale rows of the byte row": grid(OUT, IN, lambda o, i: q[o][i] * s[o // 2][i // 128]
+                                           * p[i]),
+    }
+    tensors = {
+        "weight": torch.tensor(pack_int4_along_out(q, HI2 if flip else LO2), dtype=torch.uint8),
+        "weight_scale": torch.tensor(s, dtype=torch.float32),
+    }
+    if pqs:
+        tensors["pre_quant_scale"] = torch.tensor(p, dtype=torch.bfloat16)
+        wrong["pre_quant_scale divides"] = grid(OUT, IN, lambda o, i: q[o][i] * s[o][i // 128]
+                                                / p[i])
+        wrong["pre_quant_scale ignored"] = grid(OUT, IN, lambda o, i: q[o][i] * s[o][i // 128])
+    if not w4a8:
+        return Case("modelopt_int4_awq", tensors, expected, wrong=wrong)
+    s2 = 0.375 * 2 ** e
+    tensors["weight_scale_2"] = torch.tensor([s2] if s2_view else s2, dtype=torch.float32)
+    tensors["input_scale"] = torch.tensor(0.5, dtype=torch.float32)
+    wrong["weight_scale_2 multiplies"] = [[v * s2 for v in row] for row in expected]
+    wrong["weight_scale_2 divides"] = [[v / s2 for v in row] for row in expected]
+    return Case("modelopt_w4a8_awq", tensors, expected, wrong=wrong)
+
+
+def modelopt_int8_sq(input_scale: bool = True) -> Case:
+    """weight I8 [out, in], weight_scale F32 [out], pre_quant_scale bf16 [in] on every layer,
+    input_scale F32 0-d."""
+    OUT, IN = 4, 6
+    q = grid(OUT, IN, lambda o, i: (o * 37 + i * 13 + 5) % 256 - 128)
+    ws = [0.0078125, 1.5, 0.375, 3.0]
+    p = [0.5, 1.25, 2.0, 0.75, 1.75, 3.5]
+    expected = grid(OUT, IN, lambda o, i: q[o][i] * ws[o] * p[i])
+    tensors = {"weight": torch.tensor(q, dtype=torch.int8),
+               "weight_scale": torch.tensor(ws, dtype=torch.float32),
+               "pre_quant_scale": torch.tensor(p, dtype=torch.bfloat16),
+               "bias": torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.bfloat16)}
+    if input_scale:
+        tensors["input_scale"] = torch.tensor(0.0625, dtype=torch.float32)
+    return Case("modelopt_int8_sq", tensors, expected, wrong={
+        "bytes read unsigned": grid(OUT, IN, lambda o, i: (q[o][i] & 0xFF) * ws[o] * p[i]),
+        "weight_scale per column": grid(OUT, IN, lambda o, i: q[o][i] * ws[min(i, 3)] * p[i]),
+        "pre_quant_scale per row": grid(OUT, IN, lambda o, i: q[o][i] * ws[o] * p[o]),
+        "pre_quant_scale divides": grid(OUT, IN, lambda o, i: q[o][i] * ws[o] / p[i]),
+    })
+
+
+# --- GPTQ v1 and AutoAWQ GEMM (reference section 4) -----------------------------------------
+
+
+def gptq_qzeros(zs: list[list[int]], slot: Sequence[int]) -> list[list[int]]:
+    """[out, groups] stored zeros -> [groups, out/8] words packed along OUT."""
+    return pack_int_rows(transpose(zs), 4, slot)
+
+
+def gptq(flip: bool = False, flip_zeros: bool = False, g_idx: bool = False) -> Case:
+    """qweight I32 [in/8, out]: eight codes per word along IN, element i at bits 4i; qzeros I32
+    [ceil(in/128), out/8] packed along OUT the same way, storing zero - 1; scales fp16
+    [ceil(in/128), out]; W = (q - (z + 1)) * s. in == out, so reading the payload with its axes
+    swapped gives a tensor of the same shape."""
+    OUT = IN = 136  # 17 words along in and along out; 2 groups, the last one partial (8)
+    groups = 2
+    q = grid(OUT, IN, lambda o, i: (o * 5 + i * 3 + 2) % 16)  # unsigned 0..15
+    zs = grid(OUT, groups, lambda o, g: (o * 3 + g * 5 + 1) % 16)  # stored zero - 1, 0..15
+    s = [[awq_scale(o, g) for o in range(OUT)] for g in range(groups)]  # [groups, out]
+    expected = grid(OUT, IN, lambda o, i: (q[o][i] - (zs[o][i // 128] + 1)) * s[i // 128][o])
+    v2 = grid(OUT, IN, lambda o, i: (q[o][i] - zs[o][i // 128]) * s[i // 128][o])
+    swapped = grid(OUT, IN, lambda o, i: (q[i][o] - (zs[o][i // 128] + 1)) * s[i // 128][o])
+    tensors = {
+        "qweight": torch.tensor(transpose(pack_int_rows(q, 4, REV8 if flip else SEQ8)),
+                                dtype=torch.int32),
+        "qzeros": torch.tensor(gptq_qzeros(zs, REV8 if flip_zeros else SEQ8), dtype=torch.int32),
+        "scales": torch.tensor(s, dtype=torch.float16),
+        "bias": torch.tensor([0.25 * (o % 5) for o in range(OUT)], dtype=torch.float16),
+    }
+    if g_idx:  # no act-order: g_idx[i] = i // 128
+        tensors["g_idx"] = torch.tensor([i // 128 for i in range(IN)], dtype=torch.int32)
+    return Case("gptq", tensors, expected, wrong={
+        "qzeros is the true zero (gptq_v2)": v2,
+        "qweight read as [out, in]": swapped,
+    })
+
+
+def awq_gemm(flip: bool = False, flip_zeros: bool = False) -> Case:
+    """qweight I32 [in, out/8] packed along OUT with the AWQ interleave (nibble k holds column
+    8c + [0,2,4,6,1,3,5,7][k]); qzeros I32 [in/128, out/8] the same way, unsigned zeros; scales
+    fp16 [in/128, out]; W = (q - z) * s. ``flip`` packs sequentially instead."""
+    OUT, IN = 16, 256  # 2 words along out; 2 groups of 128
+    groups = 2
+    q = grid(OUT, IN, lambda o, i: (o * 5 + i * 3 + 2) % 16)
+    z = grid(OUT, groups, lambda o, g: (o * 3 + g * 7 + 1) % 16)
+    s = [[awq_scale(o, g, 1) for o in range(OUT)] for g in range(groups)]
+    expected = grid(OUT, IN, lambda o, i: (q[o][i] - z[o][i // 128]) * s[i // 128][o])
+
+    def seq(o: int) -> int:  # the column a sequential reader takes for logical column o
+        return o - o % 8 + AWQ_NIBBLE_HOLDS[o % 8]
+
+    sequential = grid(OUT, IN, lambda o, i: (q[seq(o)][i] - z[seq(o)][i // 128])
+                      * s[i // 128][o])
+    minus_one = grid(OUT, IN, lambda o, i: (q[o][i] - z[o][i // 128] - 1) * s[i // 128][o])
+    return Case("awq_gemm", {
+        "qweight": torch.tensor(pack_int_rows(transpose(q), 4, SEQ8 if flip else AWQ8),
+                                dtype=torch.int32),
+        "qzeros": torch.tensor(pack_int_rows(transpose(z), 4, SEQ8 if flip_zeros else AWQ8),
+                               dtype=torch.int32),
+        "scales": torch.tensor(s, dtype=torch.float16),
+    }, expected, wrong={"nibbles read sequentially": sequential,
+                        "zero stored minus 1 (GPTQ v1)": minus_one})
+
+
 def per_tensor_fp8(name: str, scale_dtype: torch.dtype, form: str, e: int = 0) -> Case:
     """ModelOpt FP8 (F32 0-d) and CT FP8 "tensor" ([1] in the model dtype)."""
     OUT, IN = 3, 5
@@ -415,6 +558,24 @@ CASES: dict[str, tuple[str, Callable[..., Case], bool]] = {
     "ct_int4_asym zero point": ("ct_int4_asym",
                                 lambda flip=False: ct_int4_asym(flip_zero_point=flip), True),
     "ct_int8": ("ct_int8", ct_int8, True),
+    # ModelOpt integer formats (int4 packed along OUT, signed)
+    "modelopt_int4_awq pre_quant_scale": ("modelopt_int4_awq", modelopt_int4_awq, True),
+    "modelopt_int4_awq folded (no pre_quant_scale)": ("modelopt_int4_awq", lambda flip=False:
+                                                      modelopt_int4_awq(flip, pqs=False), True),
+    "modelopt_w4a8_awq s2 0-d": ("modelopt_w4a8_awq", lambda flip=False: modelopt_int4_awq(
+        flip, w4a8=True), True),
+    "modelopt_w4a8_awq s2 [1], folded": ("modelopt_w4a8_awq", lambda flip=False:
+                                         modelopt_int4_awq(flip, pqs=False, w4a8=True,
+                                                           s2_view=True), True),
+    "modelopt_int8_sq": ("modelopt_int8_sq", lambda flip=False: modelopt_int8_sq(), False),
+    "modelopt_int8_sq no input_scale": ("modelopt_int8_sq", lambda flip=False: modelopt_int8_sq(
+        input_scale=False), False),
+    # GPTQ v1 and AutoAWQ GEMM
+    "gptq": ("gptq", gptq, True),
+    "gptq qzeros": ("gptq", lambda flip=False: gptq(flip_zeros=flip), True),
+    "gptq g_idx (no act-order)": ("gptq", lambda flip=False: gptq(flip, g_idx=True), True),
+    "awq_gemm": ("awq_gemm", awq_gemm, True),
+    "awq_gemm qzeros": ("awq_gemm", lambda flip=False: awq_gemm(flip_zeros=flip), True),
     # FP8 formats
     "modelopt_mxfp8": ("modelopt_mxfp8", lambda flip=False: modelopt_mxfp8(), False),
     "modelopt_fp8 0-d": ("modelopt_fp8",
@@ -453,6 +614,10 @@ CASES: dict[str, tuple[str, Callable[..., Case], bool]] = {
 CASES.update({
     "ct_nvfp4 stacked, global [E, 1]": ("ct_nvfp4", lambda flip=False: stacked(
         [ct_nvfp4(flip, e) for e in range(2)]), True),
+    "modelopt_int4_awq stacked [E, out/2, in]": ("modelopt_int4_awq", lambda flip=False:
+        stacked([modelopt_int4_awq(flip, e=e) for e in range(2)]), True),
+    "modelopt_w4a8_awq stacked, s2 [E]": ("modelopt_w4a8_awq", lambda flip=False: stacked(
+        [modelopt_int4_awq(flip, pqs=False, w4a8=True, e=e) for e in range(2)]), True),
     "ct_int4_asym stacked": ("ct_int4_asym", lambda flip=False: stacked(
         [ct_int4_asym(flip, flip, e) for e in range(2)]), True),
     "ct_fp8 stacked [E, 1]": ("ct_fp8", lambda flip=False: stacked(
@@ -598,9 +763,6 @@ def test_hi_order_puts_the_even_element_in_the_high_nibble() -> None:
     assert unpack(word, 0, 8, 4, positions(8, 4, "hi")).tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
-AWQ_NIBBLE_HOLDS = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ: nibble k holds element AWQ_ORDER[k]
-
-
 def test_awq_order_nibble_k_holds_element_0_2_4_6_1_3_5_7() -> None:
     elements = [0x1, 0x2, 0x3, 0x4, 0x5, 0x6, 0x7, 0x8]
     word = sum(elements[AWQ_NIBBLE_HOLDS[k]] << (4 * k) for k in range(8))
@@ -689,16 +851,32 @@ def formula_roles(f: Any) -> set[str]:
     return formula_roles(f[1]) | formula_roles(f[2])
 
 
+def top_level_factors(f: Any) -> list[Any]:
+    """The operands of the outermost product/quotient chain: ``a * b / c`` -> [a, b, c]."""
+    if f[0] in ("*", "/"):
+        return top_level_factors(f[1]) + top_level_factors(f[2])
+    return [f]
+
+
 @pytest.mark.parametrize("s", list(quantized_schemes()), ids=lambda s: s.name)
-def test_dequant_formula_uses_only_declared_required_tensor_roles(s: Scheme) -> None:
+def test_dequant_formula_uses_only_declared_tensor_roles(s: Scheme) -> None:
+    """Every role the formula reads is a declared tensor role. An optional one (ModelOpt's
+    pre_quant_scale, absent where it was folded into the layer norm) evaluates to 1 when absent,
+    so it may only appear as a bare factor of the outermost product, where 1 changes nothing."""
     assert s.dequant is not None
     used = formula_roles(s.dequant)
     assert used <= set(s.roles), f"undeclared roles {used - set(s.roles)}"
     assert s.primary in used, "the formula must read the role carrying the logical tensor"
+    factors = top_level_factors(s.dequant)
     for r in used:
         spec = s.roles[r]
         assert spec.kind == "tensor", f"{r} is {spec.kind} metadata, not a value"
-        assert not spec.optional, f"{r} is optional, so a stem without it cannot dequantize"
+        if spec.optional:
+            bare = sum(1 for f in factors if f == ("role", r))
+            nested = sum(len(formula_roles(f) & {r}) for f in factors if f != ("role", r))
+            assert bare == 1 and nested == 0, (
+                f"{r} is optional but not a bare factor of the outermost product, so a stem "
+                "without it cannot dequantize")
     assert set(s.roles) <= SUFFIX_ROLES, f"{set(s.roles) - SUFFIX_ROLES} not in SUFFIX_ROLES"
 
 
@@ -723,7 +901,7 @@ def test_ct_int4_dequantize_on_the_weight_shape_crops_the_padding_nibbles() -> N
     assert torch.equal(got, f64(grid(OUT, IN, lambda o, i: q[o][i] * INT_SCALES[o][i // 128])))
 
 
-# --- bugs found (strict xfails: the expectation follows the format definition) ---------------
+# --- regressions of bugs these tests found ---------------------------------------------------
 
 
 def modelopt_bmm_nvfp4() -> tuple[dict[str, torch.Tensor], list[Any]]:
@@ -790,3 +968,32 @@ def test_ct_w8a16_with_in_64_is_not_dequantized_as_int4() -> None:
     assert isinstance(det, Detected), det
     assert det.scheme.name == "ct_int8" and det.shape == (OUT, IN)
     assert torch.equal(run(det, tensors), f64(grid(OUT, IN, lambda o, i: q[o][i] * (0.5, 0.25)[o])))
+
+
+def test_gptq_act_order_g_idx_picks_each_input_channel_s_group() -> None:
+    """desc_act / act-order (reference section 4): g_idx[i] is the group of input channel i and
+    the groups are not contiguous, so W[o, i] = (q - (z[g_idx[i]] + 1)) * s[g_idx[i], o]
+    (AutoGPTQ: scales[g_idx], zeros[g_idx]). Same bytes as the "gptq" case, only g_idx differs:
+    input channels 0, 17, ..., 119 form group 1, the other 128 group 0."""
+    base = build("gptq")
+    OUT = IN = 136
+    g_of = [1 if i % 17 == 0 else 0 for i in range(IN)]
+    assert sum(g_of) == 8
+    q = grid(OUT, IN, lambda o, i: (o * 5 + i * 3 + 2) % 16)
+    zs = grid(OUT, 2, lambda o, g: (o * 3 + g * 5 + 1) % 16)
+    expected = grid(OUT, IN, lambda o, i: (q[o][i] - (zs[o][g_of[i]] + 1))
+                    * awq_scale(o, g_of[i]))
+    tensors = dict(base.tensors, g_idx=torch.tensor(g_of, dtype=torch.int32))
+    det = detect_only("gptq", tensors)
+    got = run(det, tensors)
+    assert not torch.equal(got, f64(base.expected)), "g_idx was ignored (groups taken as i // 128)"
+    assert torch.equal(got, f64(expected))
+
+
+def test_hand_packers_put_the_nibbles_where_the_formats_say() -> None:
+    # ModelOpt int4: rows 0 and 1 of a column share a byte, row 0 low, two's complement
+    assert pack_int4_along_out([[1, -8], [-1, 7]]) == [[0xF1, 0x78]]
+    # GPTQ qweight: input channel i of a word at bits 4i; 8 inputs of one output column
+    assert transpose(pack_int_rows([list(range(1, 9))], 4, SEQ8)) == [[signed32(0x87654321)]]
+    # AWQ: columns 0..7 with values 1..8 -> nibbles (LSB first) 1,3,5,7,2,4,6,8
+    assert pack_int_rows([list(range(1, 9))], 4, AWQ8) == [[signed32(0x86427531)]]
