@@ -17,6 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from convlens.errors import ConvlensError
 
@@ -39,12 +40,45 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             failed += 1
             continue
-        report = check_program(conversion.program, range(args.seeds))
+        schemes = _schemes(args.schemes)
+        report = check_program(conversion.program, range(args.seeds), schemes)
         print(report.summary())
+        if args.verbose or not report.ok:
+            for line in report.scheme_lines():
+                print(line)
         for err in report.errors:
             print(err, file=sys.stderr)
         failed += not report.ok
     return 1 if failed else 0
+
+
+def _schemes(spec: str) -> list[Any]:
+    from convlens.compiler.schemes import all_schemes
+
+    if spec == "none":
+        return []
+    every = [s for s in all_schemes() if s.quantized]
+    if spec == "all":
+        return every
+    wanted = [w.strip() for w in spec.split(",") if w.strip()]
+    names = {s.name: s for s in every}
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise ValueError(f"unknown scheme {unknown[0]!r}; schemes: {', '.join(sorted(names))}")
+    return [names[w] for w in wanted]
+
+
+def cmd_schemes(args: argparse.Namespace) -> int:
+    from convlens.compiler.schemes import all_schemes
+
+    for s in all_schemes():
+        roles = ", ".join(
+            f"{r.name} {r.dtype or 'any'}"
+            + ("[" + ", ".join(a.describe() for a in r.axes) + "]" if r.kind == "tensor" else
+               f" ({r.kind})")
+            for r in s.roles.values())
+        print(f"{s.name:26} {roles}")
+    return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -147,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="check rule files: compile, expects, round trips")
     p.add_argument("files", nargs="+", help="rule files or shipped names")
     p.add_argument("--seeds", type=int, default=3, help="generated state dicts per file")
+    p.add_argument("--schemes", default="all",
+                   help="quantized schemes to check the rules on: all (default), none, or a "
+                        "comma-separated list; -v lists which are exact and which refused")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("schemes", help="list the quantization schemes and their role layouts")
+    p.set_defaults(func=cmd_schemes)
 
     p = sub.add_parser("explain", help="which rule maps a key, and its inverse")
     p.add_argument("--rules", required=True, help="a shipped name or a .conv file")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from convlens.compiler.plan import FLOAT_DTYPES, Shape
@@ -70,6 +70,7 @@ class AxisSpec:
     factor: int = 1
     codec: str | None = None
     order: str = "lo"
+    param: str | None = None  # the scheme param the factor comes from (group_size)
 
     def physical(self, logical: int) -> int:
         return logical if self.kind == "plain" else -(-logical // self.factor)
@@ -160,6 +161,26 @@ class Scheme:
     detects: Mapping[str, frozenset[str]] = field(default_factory=dict)
     dequant: Any = None
     path: str = "<builtin>"
+    params: Mapping[str, int] = field(default_factory=dict)
+
+    def bind(self, hints: frozenset[str]) -> Scheme:
+        """This scheme with its params (block sizes) taken from ``key=value`` config hints."""
+        if not self.params:
+            return self
+        values = dict(self.params)
+        for hint in hints:
+            key, _, value = hint.partition("=")
+            if key in values and value.lstrip("-").isdigit():
+                values[key] = int(value)
+        if values == dict(self.params):
+            return self
+        # -1 (GPTQ "no groups"): one block for the whole axis
+        sizes = {k: (v if v > 0 else 1 << 31) for k, v in values.items()}
+        roles = {}
+        for name, spec in self.roles.items():
+            axes = tuple(replace(a, factor=sizes[a.param]) if a.param else a for a in spec.axes)
+            roles[name] = replace(spec, axes=axes)
+        return replace(self, roles=roles, params=values)
 
     @property
     def primary(self) -> str:
@@ -295,7 +316,7 @@ def detect(schemes: tuple[Scheme, ...], roles: Mapping[str, RoleMeta],
     near: list[str] = []  # schemes whose roles are all there, but shapes or dtypes differ
     missing: list[str] = []
     extra: list[tuple[int, int, int, str]] = []  # schemes that lack some present role
-    ordered = sorted(schemes, key=lambda s: -s.hint_score(hints))
+    ordered = sorted((s.bind(hints) for s in schemes), key=lambda s: -s.hint_score(hints))
     for scheme in ordered:
         if not names <= set(scheme.roles):
             unknown = sorted(names - set(scheme.roles))

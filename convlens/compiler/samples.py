@@ -216,8 +216,8 @@ def _solve_parts(rule: Rule, solver: _Solver, config: dict[str, Any], counts: di
             check(op.dim, s)
             if isinstance(op, O.Split) and op.sizes is not None:
                 solver.bind(s[op.dim], sum(ctx.eval(e) for e in op.sizes))
-            else:
-                solver.require_multiple(s[op.dim], op.parts)
+            else:  # equal parts, each aligned to the scheme's packing and blocks
+                solver.require_multiple(s[op.dim], op.parts * quanta.get(axes[op.dim], 1))
             streams = [[*s[: op.dim], solver.new(), *s[op.dim + 1:]] for _ in range(op.parts)]
         elif isinstance(op, O.Transpose):
             for i in sel:

@@ -28,12 +28,13 @@ def compile_scheme(node: ast.Scheme) -> Scheme:
     """Check a parsed scheme file and build its Scheme; all errors are reported together."""
     errors: list[ConvlensError] = []
     roles: dict[str, RoleSpec] = {}
+    params = {p.name: p.default for p in node.params}
     for decl in node.roles:
         if decl.name in roles:
             errors.append(RuleError(f"role {decl.name} is declared twice", span=decl.span))
             continue
         try:
-            roles[decl.name] = _role(decl)
+            roles[decl.name] = _role(decl, params)
         except RuleError as exc:
             errors.append(exc)
     if roles:
@@ -60,10 +61,10 @@ def compile_scheme(node: ast.Scheme) -> Scheme:
     if errors:
         raise errors[0] if len(errors) == 1 else ErrorGroup(errors)
     detects = {d.key: frozenset(d.values) for d in node.detects}
-    return Scheme(node.name, roles, detects, dequant, node.path)
+    return Scheme(node.name, roles, detects, dequant, node.path, params)
 
 
-def _role(decl: ast.RoleDecl) -> RoleSpec:
+def _role(decl: ast.RoleDecl, params: Mapping[str, int]) -> RoleSpec:
     dtype: str | None = decl.dtype
     if decl.dtype == "float":  # the model's float dtype, whatever it is (biases, some scales)
         pass
@@ -82,16 +83,21 @@ def _role(decl: ast.RoleDecl) -> RoleSpec:
                 raise RuleError(f"role {decl.name}: unknown codec {a.codec!r}", span=decl.span,
                                 hint=did_you_mean(a.codec or "", sorted(CODECS)))
             bits = _STORAGE_BITS.get(decl.dtype)
-            if bits is None or bits % a.factor:
+            if bits is None or not isinstance(a.factor, int) or bits % a.factor:
                 raise RuleError(f"role {decl.name}: {a.factor} values cannot share one "
                                 f"{decl.dtype} element", span=decl.span)
             order = a.order or "lo"
             if order not in ("lo", "hi", "awq"):
                 raise RuleError(f"role {decl.name}: unknown element order {order!r} (lo, hi, awq)",
                                 span=decl.span)
-            axes.append(AxisSpec(a.name, "packed", a.factor, a.codec, order))
+            axes.append(AxisSpec(a.name, "packed", int(a.factor), a.codec, order))
+        elif a.kind == "blocked" and isinstance(a.factor, str):
+            if a.factor not in params:
+                raise RuleError(f"role {decl.name}: block size {a.factor!r} is not a param of the "
+                                f"scheme (declare: param {a.factor} 128)", span=decl.span)
+            axes.append(AxisSpec(a.name, "blocked", params[a.factor], param=a.factor))
         elif a.kind == "blocked":
-            axes.append(AxisSpec(a.name, "blocked", a.factor))
+            axes.append(AxisSpec(a.name, "blocked", int(a.factor)))
         else:
             axes.append(AxisSpec(a.name))
     if len({a.name for a in axes}) != len(axes):

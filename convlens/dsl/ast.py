@@ -243,7 +243,7 @@ class AxisDecl:
 
     name: str
     kind: TLiteral["plain", "packed", "blocked"] = "plain"
-    factor: int = 1
+    factor: int | str = 1  # a number, or a param of the scheme (`in / group_size block`)
     codec: str | None = None
     order: str | None = None
     span: Span = _span()
@@ -281,10 +281,20 @@ class Detect:
 
 
 @dataclass(frozen=True)
+class Param:
+    """``param group_size 128``: a block size the checkpoint's config may set."""
+
+    name: str
+    default: int
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class Scheme:
     name: str
     detects: tuple[Detect, ...]
     roles: tuple[RoleDecl, ...]
     dequant: Expr | None
+    params: tuple[Param, ...] = ()
     path: str = field(default="<string>", compare=False)
     span: Span = _span()

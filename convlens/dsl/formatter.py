@@ -108,6 +108,7 @@ def _dim(d: ast.DimDecl) -> str:
 def format_scheme(s: ast.Scheme) -> str:
     """Canonical text of a scheme file."""
     out = [f"scheme {s.name}"]
+    out += [f"  param {p.name} {p.default}" for p in s.params]
     for d in s.detects:
         out.append(f"  for {d.key} " + ", ".join(v if v.isidentifier() else _string(v)
                                                    for v in d.values))

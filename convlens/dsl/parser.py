@@ -117,8 +117,14 @@ class _Builder(Transformer[Token, Any]):
         dequants = [c for c in children[1:] if isinstance(c, tuple) and c[0] == "dequant"]
         if len(dequants) > 1:
             raise RuleError("a scheme has one dequant formula", span=dequants[1][2])
+        params = tuple(c for c in children[1:] if isinstance(c, ast.Param))
         return ast.Scheme(name=name, detects=detects, roles=roles,
-                          dequant=dequants[0][1] if dequants else None, path=self.path, span=span)
+                          dequant=dequants[0][1] if dequants else None, params=params,
+                          path=self.path, span=span)
+
+    @v_args(meta=True)
+    def param(self, meta: Any, children: list[Token]) -> ast.Param:
+        return ast.Param(name=str(children[0]), default=int(children[1]), span=self._span(meta))
 
     @v_args(meta=True)
     def scheme_header(self, meta: Any, children: list[Token]) -> tuple[str, Span]:
@@ -161,7 +167,9 @@ class _Builder(Transformer[Token, Any]):
 
     @v_args(meta=True)
     def axis_blocked(self, meta: Any, children: list[Token]) -> ast.AxisDecl:
-        return ast.AxisDecl(name=str(children[0]), kind="blocked", factor=int(children[1]),
+        size = children[1]
+        factor: int | str = int(size) if size.type == "INT" else str(size)
+        return ast.AxisDecl(name=str(children[0]), kind="blocked", factor=factor,
                             span=self._span(meta))
 
     def view(self, children: list[Any]) -> tuple[str, tuple[tuple[ast.DimDecl, ...], ...]]:
