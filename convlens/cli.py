@@ -5,7 +5,8 @@
     convlens fmt FILE... [--write|--check]
     convlens parse FILE                 the AST outline
     convlens plan --rules R SAFETENSORS [--revert]   the plan listing for a checkpoint file
-    convlens rules                      the shipped conversions
+    convlens apply|revert [--rules R] SRC DST       convert a checkpoint folder on disk
+    convlens rules | schemes            the shipped conversions and quantization formats
 
 Exit codes: 0 ok, 1 rule or conversion error, 2 usage. Errors print ``file:line:col``, the source
 line and a caret, without a traceback unless ``-v``.
@@ -14,6 +15,7 @@ line and a caret, without a traceback unless ``-v``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -163,6 +165,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from convlens.checkpoint import convert_checkpoint
+
+    policies = [p.strip() for p in (args.lossy or "").split(",") if p.strip()]
+    report = convert_checkpoint(
+        args.src, None if args.dry_run else args.dst, rules=args.rules,
+        direction=args.command, strict=args.strict, policies=policies,
+        max_shard_size=args.max_shard_size, workers=args.workers, force=args.force,
+        dry_run=args.dry_run, quiet=args.quiet)
+    if not args.quiet or args.dry_run:
+        print(report.summary())
+    return 0
+
+
 def cmd_rules(args: argparse.Namespace) -> int:
     from convlens.api import load_rules, shipped_rules
 
@@ -212,6 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on keys no rule matches")
     p.add_argument("file")
     p.set_defaults(func=cmd_plan)
+
+    for direction, text in (("apply", "convert a checkpoint folder forward (hub -> in-memory "
+                                      "layout for the shipped rules)"),
+                            ("revert", "convert a checkpoint folder back (in-memory -> hub "
+                                       "layout)")):
+        p = sub.add_parser(direction, help=text)
+        p.add_argument("src", help="checkpoint folder (or one .safetensors file)")
+        p.add_argument("dst", nargs="?", help="output folder (written atomically)")
+        p.add_argument("--rules", help="a shipped name or a .conv file (default: from the "
+                       "checkpoint's provenance or config.json)")
+        p.add_argument("--dry-run", action="store_true", help="print the plan summary, write "
+                       "nothing")
+        p.add_argument("--strict", action="store_true", help="fail on keys no rule matches")
+        p.add_argument("--max-shard-size", default="5GB", help="like transformers (default 5GB)")
+        p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                       help="shards written in parallel")
+        p.add_argument("--lossy", help="allow lossy steps: a comma-separated list of max, "
+                       "rescale, requantize")
+        p.add_argument("--force", action="store_true", help="replace an existing DST")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report")
+        p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("rules", help="list the shipped conversions")
     p.set_defaults(func=cmd_rules)

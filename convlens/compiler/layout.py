@@ -300,13 +300,35 @@ def fit_role(spec: RoleSpec, meta: RoleMeta, logical: tuple[str, ...], sizes: Ma
     return f"{spec.name} has shape {list(meta.shape)}, expected {expected}"
 
 
+_DETECTED: dict[tuple[Any, ...], Detected | str] = {}
+_HELD: dict[int, tuple[tuple[Scheme, ...], int]] = {}
+
+
 def detect(schemes: tuple[Scheme, ...], roles: Mapping[str, RoleMeta],
            declared: tuple[str, ...] | None, hints: frozenset[str] = frozenset()
            ) -> Detected | str:
     """The scheme whose roles fit the tensors of one stem, or the reasons none does.
 
     Schemes named by ``hints`` (values from the checkpoint's quantization config) are tried
-    first; the first scheme that fits every present role wins."""
+    first; the first scheme that fits every present role wins. Results are memoized: the 100k
+    experts of a large MoE checkpoint share a handful of signatures."""
+    held = _HELD.get(id(schemes))
+    if held is None or held[0] is not schemes:  # keep the tuple alive so its id stays unique
+        if len(_HELD) > 256:
+            _HELD.clear()
+            _DETECTED.clear()
+        _HELD[id(schemes)] = (schemes, len(_HELD))
+    key = (id(schemes), tuple(sorted(roles.items())), declared, hints)
+    found = _DETECTED.get(key)
+    if found is None:
+        if len(_DETECTED) > 4096:
+            _DETECTED.clear()
+        found = _DETECTED[key] = _detect(schemes, roles, declared, hints)
+    return found
+
+
+def _detect(schemes: tuple[Scheme, ...], roles: Mapping[str, RoleMeta],
+            declared: tuple[str, ...] | None, hints: frozenset[str]) -> Detected | str:
     names = set(roles)
     bnb = sorted(n for n in names if any(m in n for m in BNB_MARKERS))
     if bnb:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from convlens.compiler.naming import SUFFIX_ROLES
 from convlens.dsl.ast import Capture, Literal, Pattern, Segment
@@ -27,8 +27,7 @@ _ROLE_ALT = "|".join(re.escape(r) for r in sorted(SUFFIX_ROLES, key=len, reverse
 _TAIL = rf"(?=$|\.|_(?:{_ROLE_ALT})(?:$|\.))"
 
 
-@dataclass(frozen=True)
-class Match:
+class Match(NamedTuple):
     captures: dict[str, str]
     stem: str
     tail: str  # "" | ".leaf..." | "_role[.leaf...]"
@@ -48,6 +47,10 @@ class CompiledPattern:
         # A literal that every matching key contains: a cheap test before the regex.
         self.needle = max(literals, key=len) if literals else ""
         self.min_segments = len(pattern.segments)
+        # str.format template: literals cannot hold braces (the scanner refuses them)
+        self._template = ".".join(
+            "".join(p.text if isinstance(p, Literal) else "{" + p.name + "}" for p in seg)
+            for seg in pattern.segments)
 
     def match(self, key: str) -> Match | None:
         if self.needle and self.needle not in key:
@@ -58,10 +61,7 @@ class CompiledPattern:
         return Match(captures=m.groupdict(), stem=key[: m.end()], tail=key[m.end():])
 
     def format(self, captures: dict[str, str]) -> str:
-        out = []
-        for seg in self.source.segments:
-            out.append("".join(p.text if isinstance(p, Literal) else captures[p.name] for p in seg))
-        return ".".join(out)
+        return self._template.format_map(captures)
 
     def is_literal(self) -> bool:
         return not self.captures

@@ -14,7 +14,14 @@ from typing import Any
 
 from convlens.compiler import ops as O
 from convlens.compiler import plan as P
-from convlens.compiler.layout import RoleMeta, default_axes, detect, is_stack_axis, view_shape
+from convlens.compiler.layout import (
+    RoleMeta,
+    canonical_from_view,
+    default_axes,
+    detect,
+    is_stack_axis,
+    view_shape,
+)
 from convlens.compiler.naming import key_for, owns, role_of
 from convlens.compiler.program import Program, Rule
 from convlens.compiler.schemes import all_schemes, config_hints
@@ -52,6 +59,7 @@ def plan(program: Program, metas: Mapping[str, TensorMeta], config: Mapping[str,
     rules = list(program.rules)
     refs = [r.ref for r in rules]
     state: dict[str, P.Node] = {k: P.Load(k, tuple(m.shape), m.dtype) for k, m in metas.items()}
+    initial = dict(state)
     touched: set[str] = set()
     counts: dict[int, int] = {}
     cfg = config or {}
@@ -62,7 +70,8 @@ def plan(program: Program, metas: Mapping[str, TensorMeta], config: Mapping[str,
             state = _copy_pass(rule, index, state, touched, counts)
         else:
             state = _tensor_pass(rule, index, state, touched, counts, cfg, policies)
-    passthrough = [k for k in metas if k not in touched]
+    # a key passed through if it comes out under its own name as the very Load it went in as
+    passthrough = [k for k, load in initial.items() if state.get(k) is load and k not in touched]
     if strict and passthrough:
         shown = ", ".join(passthrough[:10]) + (" ..." if len(passthrough) > 10 else "")
         raise ConversionError(
@@ -85,8 +94,9 @@ def _put(out: dict[str, P.Node], key: str, node: P.Node, rule: Rule) -> None:
 
 
 def _mark(touched: set[str], node: P.Node) -> None:
-    for leaf in P.leaves(node):
-        touched.add(leaf.key)
+    """Record that a rule matched a Load directly (renames keep the node object)."""
+    if isinstance(node, P.Load):
+        touched.add(node.key)
 
 
 def _rekey(rule: Rule, stem: str, tail: str, key: str) -> str:
@@ -164,14 +174,17 @@ def _tensor_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[
                  counts: dict[int, int], config: Mapping[str, Any],
                  policies: frozenset[str]) -> dict[str, P.Node]:
     patterns = rule.src.patterns
-    groups: dict[tuple[tuple[str, str], ...], _Group] = {}
+    naming = rule.src.naming
+    guards = rule.guards
+    group_names = sorted(c for c in patterns[0].captures if c not in rule.stacked)
+    groups: dict[tuple[str, ...], _Group] = {}
     order: list[tuple[str, Any]] = []  # ("key", key) | ("group", gid), in input order
     for key in state:
         hit = None
         for j, pat in enumerate(patterns):
             m = pat.match(key)
-            if (m is not None and owns(m.tail, rule.src.naming)
-                    and all(g.allows(m.captures) for g in rule.guards)):
+            if (m is not None and owns(m.tail, naming)
+                    and (not guards or all(g.allows(m.captures) for g in guards))):
                 hit = (j, m)
                 break
         if hit is None:
@@ -184,12 +197,14 @@ def _tensor_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[
                 f"{key!r} matches {patterns[j].text!r} but is not a tensor of that stem under "
                 f"{rule.src.naming} naming", span=rule.span, rule=rule.ref.label, key=key,
                 hint="a leaf the rule cannot place; rename it away first or narrow the pattern")
-        gid = tuple(sorted((c, v) for c, v in m.captures.items() if c not in rule.stacked))
+        caps = m.captures
+        gid = tuple(caps[c] for c in group_names)
         group = groups.get(gid)
         if group is None:
-            group = groups[gid] = _Group(dict(gid), key, [{} for _ in patterns])
+            group = groups[gid] = _Group(dict(zip(group_names, gid, strict=True)), key,
+                                         [{} for _ in patterns])
             order.append(("group", gid))
-        idx = tuple(int(m.captures[c]) for c in rule.stacked)
+        idx = tuple(int(caps[c]) for c in rule.stacked)
         member = group.parts[j].setdefault(idx, _Member())
         if role in member.roles:  # pragma: no cover - keys are unique and naming is injective
             raise ConversionError(f"{key!r}: role {role} seen twice", key=key, rule=rule.ref.label)
@@ -240,9 +255,10 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
     for op in rule.ops:
         streams = op.apply(streams, ctx)
     results: list[tuple[str, P.Node]] = []
+    axes_ok: set[Any] = set()
     for stream, pattern in zip(streams, rule.dst.patterns, strict=True):
         for idx, value in stream.members.items():
-            _check_axes(rule, ctx, value)
+            _check_axes(rule, ctx, value, axes_ok)
             caps = dict(group.captures)
             caps.update({c: str(i) for c, i in zip(stream.captures, idx, strict=True)})
             stem = pattern.format(caps)
@@ -259,12 +275,22 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
     return results
 
 
+_STEMS: dict[tuple[Any, ...], Any] = {}
+
+
 def _stem_value(rule: Rule, ctx: O.OpContext, member: _Member, hints: frozenset[str]
                 ) -> tuple[O.StemValue, list[P.Node], set[str]]:
     """A stem's value for the ops, the checks of its metadata roles, and their names."""
-    metas = {role: RoleMeta(node.shape, node.dtype) for role, (_, node) in member.roles.items()}
+    sig = (tuple((role, node.shape, node.dtype) for role, (_, node) in member.roles.items()),
+           rule.src.axes, hints)
+    found = _STEMS.get(sig)
+    if found is None:
+        metas = {role: RoleMeta(shape, dtype) for role, shape, dtype in sig[0]}
+        found = detect(all_schemes(), metas, rule.src.axes, hints)
+        if len(_STEMS) > 4096:
+            _STEMS.clear()
+        _STEMS[sig] = found
     keys = tuple(k for k, _ in member.roles.values())
-    found = detect(all_schemes(), metas, rule.src.axes, hints)
     if isinstance(found, str):
         raise ctx.fail(found, key=keys[0])
     roles = {}
@@ -279,7 +305,8 @@ def _stem_value(rule: Rule, ctx: O.OpContext, member: _Member, hints: frozenset[
             checks.append(O.n_same([node, want], ctx.origin))
             meta_roles.add(role)
             continue
-        canonical = O.n_reshape(node, fit.canonical, ctx.origin)
+        canonical = node if fit.canonical == node.shape else O.n_reshape(node, fit.canonical,
+                                                                          ctx.origin)
         roles[role] = O.RoleValue(canonical, fit.layout, spec, fit.view, key)
     return O.StemValue(found.scheme, found.axes, found.shape, roles, keys), checks, meta_roles
 
@@ -288,11 +315,15 @@ def _normal(axes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple("e" if is_stack_axis(a) else a for a in axes)
 
 
-def _check_axes(rule: Rule, ctx: O.OpContext, value: O.StemValue) -> None:
+def _check_axes(rule: Rule, ctx: O.OpContext, value: O.StemValue, seen: set[Any]) -> None:
     """The target must read the result with the axes the ops produced, or the inverse would
     lift its ops to the wrong axes (a transposed bias would be permuted as if it were rows)."""
+    if value.axes in seen:
+        return
     want = rule.dst.axes if rule.dst.axes is not None else default_axes(len(value.axes))
-    if _normal(value.axes) != _normal(want):
+    if _normal(value.axes) == _normal(want):
+        seen.add(value.axes)
+    else:
         raise ctx.fail(
             f"the ops leave axes ({', '.join(value.axes)}) but the target reads "
             f"({', '.join(want)}); declare them: {rule.dst.patterns[0].text!r} ... axes "
@@ -300,7 +331,9 @@ def _check_axes(rule: Rule, ctx: O.OpContext, value: O.StemValue) -> None:
 
 
 def _stored(value: O.StemValue, rv: O.RoleValue, origin: int) -> P.Node:
-    """A role's output node in the form it was stored in (its view)."""
+    """A role's output node in the form it was stored in (its view). A view that cannot hold
+    the result (a 0-d single-block scale after fusing into several blocks) gives way to the
+    scheme's first view that can."""
     if rv.view is None:
         return rv.node
     sizes = dict(zip(value.axes, value.shape, strict=True))
@@ -308,5 +341,10 @@ def _stored(value: O.StemValue, rv: O.RoleValue, origin: int) -> P.Node:
     own = {a.name for a in rv.spec.axes}
     while lead < len(rv.layout) and rv.layout[lead].name not in own:
         lead += 1
-    shape = rv.node.shape[:lead] + view_shape(rv.spec.views[rv.view], sizes)
-    return O.n_reshape(rv.node, shape, origin)
+    order = [rv.view, *(i for i in range(len(rv.spec.views)) if i != rv.view)]
+    for i in order:
+        view = rv.spec.views[i]
+        shape = rv.node.shape[:lead] + view_shape(view, sizes)
+        if canonical_from_view(view, shape, lead, len(rv.layout) - lead) == rv.node.shape:
+            return O.n_reshape(rv.node, shape, origin)
+    return rv.node

@@ -295,7 +295,10 @@ def sample_rule(program: Program, index: int, rng: random.Random, config: dict[s
     axes = gen.src.axes or default_axes(rank)
     present = [name for name, spec in scheme.roles.items()
                if not spec.optional or rng.random() < 0.5]
-    views = {name: rng.choice((None, *range(len(spec.views)))) if spec.views else None
+    # Views that hold any size (not a 0-d form of a blocked scale, which only fits one block
+    # and so cannot come back unchanged from a fusion into several blocks).
+    views = {name: rng.choice((None, *(i for i, v in enumerate(spec.views)
+                                        if any(d.axis for d in v) or not spec.axes)))
              for name, spec in scheme.roles.items()}
     common: dict[tuple[Any, ...], int] = {}
     consts: dict[str, tuple[int, ...]] = {}

@@ -1,0 +1,324 @@
+"""Convert a checkpoint folder on disk: plan from the headers, validate the whole plan, stream.
+
+The output is written into a temporary folder next to the destination and moved into place only
+when complete; the source is never written to. The conversion is recorded in every shard's
+metadata (provenance), so that a later revert undoes exactly the rules that were applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from convlens.api import Conversion, load_rules, shipped_rules
+from convlens.compiler import plan as P
+from convlens.compiler.planner import TensorMeta
+from convlens.compiler.program import Program
+from convlens.errors import ConversionError
+from convlens.runtime.disk import WriteStats, plan_shards, write_checkpoint
+from convlens.runtime.report import RunReport
+from convlens.runtime.safetensors_io import INDEX_NAME, Checkpoint, open_checkpoint
+
+Direction = Literal["apply", "revert"]
+PROVENANCE_KEY = "convlens"
+TMP_MARK = ".convlens-tmp-"
+OLD_MARK = ".convlens-old-"
+
+
+@dataclass
+class ConvertReport:
+    """What a run did (or, for a dry run, would do)."""
+
+    conversion: str
+    direction: str
+    src: Path
+    dst: Path | None
+    selected_by: str
+    tensors_in: int
+    tensors_out: int
+    bytes_out: int
+    shards: int
+    per_rule: dict[str, int]
+    passthrough: list[str]
+    lossy_steps: list[str]
+    lossy: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stats: WriteStats | None = None
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"{self.direction} {self.conversion} ({self.selected_by}): {self.src} -> "
+                 f"{self.dst if self.dst else '(dry run)'}"]
+        lines.append(f"  {self.tensors_in} tensors in, {self.tensors_out} out, "
+                     f"{self.bytes_out / 1e9:.3f} GB in {self.shards} shard(s)")
+        for label, n in self.per_rule.items():
+            lines.append(f"  {n:8} tensors from {label}")
+        lines.append(f"  {len(self.passthrough):8} passed through unchanged"
+                     + (f" (e.g. {', '.join(self.passthrough[:3])})" if self.passthrough else ""))
+        for step in self.lossy_steps:
+            lines.append(f"  lossy: {step}")
+        for event in self.lossy:
+            lines.append(f"  lossy step taken: {event}")
+        for note in self.notes:
+            lines.append(f"  config: {note}")
+        if self.stats is not None:
+            s = self.stats
+            lines.append(f"  wrote {s.bytes / 1e9:.3f} GB in {s.seconds:.2f} s "
+                         f"({s.throughput / 1e9:.2f} GB/s): {s.copied_tensors} tensors copied as "
+                         f"byte ranges, {s.computed_tensors} computed")
+        return "\n".join(lines)
+
+
+# --- selecting the rules ------------------------------------------------------------------------
+
+
+def _configs(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The config and its nested sub-model configs (text_config, vision_config, ...)."""
+    out = [config]
+    for value in config.values():
+        if isinstance(value, Mapping) and "model_type" in value:
+            out.append(value)
+    return out
+
+
+def select_rules(config: Mapping[str, Any]) -> tuple[Conversion, str]:
+    """The shipped conversion for a config.json: by class name (``architectures``) first, then
+    by ``model_type``, then the same for nested sub-model configs, as transformers looks up its
+    mappings."""
+    by_arch: dict[str, str] = {}
+    by_type: dict[str, str] = {}
+    for name in sorted(shipped_rules()):
+        conv = load_rules(name)
+        for a in conv.architectures:
+            by_arch.setdefault(a, name)
+        for t in conv.model_types:
+            by_type.setdefault(t, name)
+    for sub in _configs(config):
+        for arch in sub.get("architectures") or ():
+            if arch in by_arch:
+                return load_rules(by_arch[arch]), f"architecture {arch}"
+        mt = sub.get("model_type")
+        if isinstance(mt, str) and mt in by_type:
+            return load_rules(by_type[mt]), f"model_type {mt}"
+    archs = ", ".join(config.get("architectures") or []) or "none"
+    raise ConversionError(f"no shipped conversion serves this config (architectures: {archs}; "
+                          f"model_type: {config.get('model_type')!r}); pass --rules NAME|FILE")
+
+
+# --- provenance ---------------------------------------------------------------------------------
+
+
+def read_provenance(ckpt: Checkpoint) -> dict[str, Any] | None:
+    found = None
+    for shard in ckpt.shards:
+        raw = shard.metadata.get(PROVENANCE_KEY)
+        if raw is None:
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ConversionError(f"{shard.path}: unreadable convlens provenance") from None
+        if found is not None and value != found:
+            raise ConversionError(f"{shard.path}: shards disagree about how they were made")
+        found = value
+    return found if isinstance(found, dict) else None
+
+
+def _subset(conversion: Conversion, fired: Iterable[int]) -> Conversion:
+    """The conversion restricted to the rules (forward indices) that were applied."""
+    keep = sorted(set(fired))
+    rules = conversion.program.rules
+    if any(not 0 <= i < len(rules) for i in keep):
+        raise ConversionError("provenance names rules this conversion does not have")
+    program = Program(conversion.program.name, conversion.program.path,
+                      conversion.program.model_types, conversion.program.architectures,
+                      tuple(rules[i] for i in keep), conversion.program.expects)
+    return Conversion(program)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: not a JSON object")
+    return value
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover
+        return True
+    return True
+
+
+def clean_stale(dst: Path) -> list[Path]:
+    """Remove temporary folders that interrupted runs left next to ``dst``."""
+    removed = []
+    for mark in (TMP_MARK, OLD_MARK):
+        for p in dst.parent.glob(f".{dst.name}{mark}*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _check_paths(src: Path, dst: Path) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise ConversionError(f"the destination {dst} must not be the source {src}, inside it, or "
+                              "contain it")
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path | None, rules: str | Path | None = None,
+                       direction: Direction = "revert", *, strict: bool = False,
+                       policies: Iterable[str] = (), max_shard_size: int | str = "5GB",
+                       workers: int = 1, force: bool = False, dry_run: bool = False,
+                       quiet: bool = True) -> ConvertReport:
+    """Convert the checkpoint folder ``src`` into ``dst`` (``apply`` or ``revert``).
+
+    Without ``rules`` the conversion is chosen from the source's provenance (a checkpoint that
+    convlens wrote) or its ``config.json``. The whole plan is validated before any byte is
+    written; a plan that fails writes nothing.
+    """
+    started = time.perf_counter()
+    src = Path(src)
+    ckpt = open_checkpoint(src)
+    root = ckpt.root
+    config = _read_json(root / "config.json") or {}
+    hf_quant = _read_json(root / "hf_quant_config.json")
+    plan_config = dict(config)
+    if hf_quant is not None:
+        plan_config["hf_quant_config"] = hf_quant
+    provenance = read_provenance(ckpt)
+    if rules is not None:
+        conversion, chosen = load_rules(rules), f"--rules {rules}"
+    elif provenance is not None:
+        conversion, chosen = load_rules(provenance["conversion"]), "provenance"
+    else:
+        conversion, chosen = select_rules(config)
+    if provenance is not None and provenance.get("conversion") == conversion.name:
+        if provenance.get("direction") == direction:
+            raise ConversionError(f"{src} was written by convlens {direction} {conversion.name} "
+                                  f"already; {direction} again would convert it twice")
+        conversion = _subset(conversion, provenance.get("fired", []))
+        chosen += " (undoing exactly the recorded rules)"
+    metas = {k: TensorMeta(e.shape, e.dtype) for s in ckpt.shards for k, e in s.entries.items()}
+    plan = conversion.plan(metas, plan_config, direction=direction, strict=strict,
+                           policies=policies)
+    shards = plan_shards(plan, max_shard_size)
+    per_rule = {plan.rules[i].label: n for i, n in sorted(plan.rule_counts.items())}
+    report = ConvertReport(
+        conversion=conversion.name, direction=direction, src=src, dst=None if dry_run else
+        Path(dst) if dst is not None else None, selected_by=chosen, tensors_in=len(metas),
+        tensors_out=len(plan.outputs), bytes_out=plan.output_bytes(), shards=len(shards),
+        per_rule=per_rule, passthrough=plan.passthrough, lossy_steps=plan.lossy(),
+        dry_run=dry_run)
+    new_config, new_hf_quant, notes = _map_configs(plan, config, hf_quant)
+    report.notes = notes
+    if dry_run:
+        report.seconds = time.perf_counter() - started
+        return report
+    if dst is None:
+        raise ConversionError("no destination folder given")
+    dst = Path(dst)
+    _check_paths(root, dst)
+    clean_stale(dst)
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} exists; pass --force to replace it")
+    tmp = dst.parent / f".{dst.name}{TMP_MARK}{os.getpid()}"
+    run = RunReport()
+    n = len(conversion.program.rules)
+    fired = sorted(plan.rule_counts) if direction == "apply" else sorted(
+        n - 1 - i for i in plan.rule_counts)
+    provenance_out = {"conversion": conversion.name, "direction": direction, "fired": fired,
+                      "rules": [plan.rules[i].label for i in sorted(plan.rule_counts)],
+                      "policies": sorted(policies), "version": _version()}
+    try:
+        tmp.mkdir(parents=True)
+        metadata = {"format": "pt", PROVENANCE_KEY: json.dumps(provenance_out, sort_keys=True)}
+        report.stats = write_checkpoint(plan, ckpt, tmp, shards, metadata, workers=workers,
+                                        report=run, quiet=quiet)
+        report.lossy = [str(e) for e in run.lossy]
+        if run.lossy:
+            provenance_out["lossy"] = report.lossy
+        _write_index(tmp, plan, shards, provenance_out)
+        _copy_other_files(root, tmp, new_config, new_hf_quant)
+        _swap_in(tmp, dst, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _version() -> str:
+    from convlens import __version__
+
+    return __version__
+
+
+def _map_configs(plan: P.Plan, config: dict[str, Any], hf_quant: dict[str, Any] | None
+                 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[str]]:
+    try:
+        from convlens.configs import map_quantization_configs
+    except ImportError:  # pragma: no cover - configs.py is part of the package
+        return config or None, hf_quant, []
+    return map_quantization_configs(plan.key_map(), config or None, hf_quant)
+
+
+def _write_index(folder: Path, plan: P.Plan, shards: list[Any], provenance: Mapping[str, Any]
+                 ) -> None:
+    if len(shards) <= 1:
+        return
+    weight_map = {k: s.name for s in shards for k in s.keys}
+    index = {"metadata": {"total_size": plan.output_bytes()},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_other_files(src: Path, dst: Path, config: dict[str, Any] | None,
+                      hf_quant: dict[str, Any] | None) -> None:
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if path.is_dir() or rel.parts[0].startswith(".") or path.suffix == ".safetensors":
+            continue
+        if rel.name == INDEX_NAME and len(rel.parts) == 1:
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if rel.as_posix() == "config.json" and config is not None:
+            target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        elif rel.as_posix() == "hf_quant_config.json" and hf_quant is not None:
+            target.write_text(json.dumps(hf_quant, indent=4) + "\n", encoding="utf-8")
+        else:
+            shutil.copy2(path, target)
+
+
+def _swap_in(tmp: Path, dst: Path, force: bool) -> None:
+    if dst.exists():
+        if not force:  # pragma: no cover - checked before writing
+            raise ConversionError(f"{dst} exists; pass --force to replace it")
+        old = dst.parent / f".{dst.name}{OLD_MARK}{os.getpid()}"
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dst)

@@ -1,0 +1,340 @@
+"""Execute a plan on a safetensors checkpoint, streaming, into new shards.
+
+Most outputs of a conversion are gathers of byte ranges of the inputs: a rename, a pass-through,
+stacking along axis 0, a concat or split along any axis of a row-major tensor, an expert picked
+out of a stacked tensor. Those are compiled to a list of (file, offset, length) segments and
+copied with ``os.copy_file_range`` (in the kernel, no tensor is built). The rest (permutations,
+packing, checks, lossy steps) are evaluated with torch on just the inputs of that output.
+Memory stays bounded by the largest such group, not the checkpoint.
+
+Shards are planned with huggingface_hub's shard splitter and written in parallel, each header
+first (every size is known from the plan) and then the bytes in order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convlens.compiler import plan as P
+from convlens.errors import ConversionError
+from convlens.runtime.dtypes import TORCH_DTYPES
+from convlens.runtime.execute import execute
+from convlens.runtime.report import RunReport
+from convlens.runtime.safetensors_io import Checkpoint, header_bytes, write_all
+
+Segment = tuple[Path, int, int]  # file, absolute offset, length
+MAX_SEGMENTS = 65536  # beyond this a torch gather is faster than many small copies
+COPY_CHUNK = 1 << 30
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    keys: list[str]
+
+    def nbytes(self, plan: P.Plan) -> int:
+        return sum(P.nbytes(plan.outputs[k].shape, plan.outputs[k].dtype) for k in self.keys)
+
+
+@dataclass
+class WriteStats:
+    tensors: int = 0
+    bytes: int = 0
+    copied_tensors: int = 0  # written as byte ranges
+    computed_tensors: int = 0  # evaluated with torch
+    seconds: float = 0.0
+    shards: list[str] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.bytes / self.seconds if self.seconds else 0.0
+
+
+def plan_shards(plan: P.Plan, max_shard_size: int | str) -> list[ShardPlan]:
+    """Output shards in the hub's naming (``model-00001-of-00003.safetensors``)."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    split = split_state_dict_into_shards_factory(
+        dict(plan.outputs), get_storage_size=lambda n: P.nbytes(n.shape, n.dtype),
+        get_storage_id=lambda n: None, filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size)
+    order = {k: i for i, k in enumerate(plan.outputs)}
+    return [ShardPlan(name, sorted(keys, key=order.__getitem__))
+            for name, keys in split.filename_to_tensors.items()]
+
+
+# --- byte-range gathers -----------------------------------------------------------------------
+
+
+class _Segs:
+    """A node's bytes as segments, with cumulative offsets for slicing."""
+
+    def __init__(self, segs: list[Segment]) -> None:
+        self.segs = segs
+        self.starts: list[int] = []
+        total = 0
+        for s in segs:
+            self.starts.append(total)
+            total += s[2]
+        self.total = total
+
+    def take(self, start: int, length: int, out: list[Segment]) -> None:
+        if length <= 0:
+            return
+        i = bisect_right(self.starts, start) - 1
+        while length > 0:
+            path, off, n = self.segs[i]
+            skip = start - self.starts[i]
+            m = min(n - skip, length)
+            _append(out, (path, off + skip, m))
+            start += m
+            length -= m
+            i += 1
+
+
+def _append(out: list[Segment], seg: Segment) -> None:
+    if out and out[-1][0] == seg[0] and out[-1][1] + out[-1][2] == seg[1]:
+        last = out[-1]
+        out[-1] = (last[0], last[1], last[2] + seg[2])
+    else:
+        out.append(seg)
+    if len(out) > MAX_SEGMENTS:
+        raise _TooMany
+
+
+class _TooMany(Exception):
+    pass
+
+
+def segments(node: P.Node, ckpt: Checkpoint) -> list[Segment] | None:
+    """The bytes of ``node`` as byte ranges of the input files, or None if it needs torch."""
+    try:
+        found = _segments(node, ckpt)
+    except _TooMany:
+        return None
+    return None if found is None else found.segs
+
+
+def _segments(node: P.Node, ckpt: Checkpoint) -> _Segs | None:
+    size = P.DTYPE_SIZES[node.dtype]
+    if isinstance(node, P.Load):
+        e = ckpt.entry(node.key)
+        return _Segs([(ckpt.where[node.key].path, e.start, e.nbytes)] if e.nbytes else [])
+    if isinstance(node, P.Reshape):
+        return _segments(node.arg, ckpt)
+    if isinstance(node, (P.Stack, P.Cat)):
+        parts = [_segments(a, ckpt) for a in node.args]
+        if any(p is None for p in parts):
+            return None
+        outer = math.prod(node.shape[:node.dim])
+        chunks = [math.prod(a.shape[node.dim:]) * size for a in node.args]
+        out: list[Segment] = []
+        for i in range(outer):
+            for part, chunk in zip(parts, chunks, strict=True):
+                assert part is not None
+                part.take(i * chunk, chunk, out)
+        return _Segs(out)
+    if isinstance(node, (P.Slice, P.Select)):
+        src = _segments(node.arg, ckpt)
+        if src is None:
+            return None
+        shape = node.arg.shape
+        row = math.prod(shape[node.dim + 1:]) * size
+        outer = math.prod(shape[:node.dim])
+        span = shape[node.dim] * row
+        if isinstance(node, P.Select):
+            start, stop, step = node.index, node.index + 1, 1
+        else:
+            start, stop, step = node.start, node.stop, node.step
+        out = []
+        for i in range(outer):
+            if step == 1:
+                src.take(i * span + start * row, (stop - start) * row, out)
+            else:
+                for j in range(start, stop, step):
+                    src.take(i * span + j * row, row, out)
+        return _Segs(out)
+    return None
+
+
+# --- torch evaluation of one output -----------------------------------------------------------
+
+
+class _Reader:
+    """Per-worker open files for the input shards."""
+
+    def __init__(self) -> None:
+        self.fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read(self, path: Path, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        view = memoryview(buf)
+        fd = self.fd(path)
+        done = 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ConversionError(f"{path}: read error at byte {offset + done} (file shorter "
+                                      "than its header says?)")
+            done += n
+        return buf
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _load(reader: _Reader, ckpt: Checkpoint, key: str) -> torch.Tensor:
+    e = ckpt.entry(key)
+    dtype = TORCH_DTYPES[e.dtype]
+    if e.nbytes == 0:
+        return torch.empty(e.shape, dtype=dtype)
+    buf = reader.read(ckpt.where[key].path, e.start, e.nbytes)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(e.shape)
+
+
+def _compute(key: str, node: P.Node, plan: P.Plan, ckpt: Checkpoint, reader: _Reader,
+             report: RunReport | None) -> torch.Tensor:
+    leaves = {leaf.key for leaf in P.leaves(node)}
+    tensors = {k: _load(reader, ckpt, k) for k in leaves}
+    one = P.Plan(plan.conversion, plan.direction, {key: node}, plan.rules)
+    return execute(one, tensors, report)[key]
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.contiguous().reshape(-1)
+    if not flat.numel():
+        return memoryview(b"")
+    array: Any = flat.view(torch.uint8).numpy()
+    return memoryview(array)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def _copy(reader: _Reader, out_fd: int, segs: list[Segment]) -> None:
+    for path, offset, length in segs:
+        src = reader.fd(path)
+        done = 0
+        while done < length:
+            want = min(length - done, COPY_CHUNK)
+            try:
+                n = os.copy_file_range(src, out_fd, want, offset + done)
+            except OSError:
+                n = 0
+            if n <= 0:  # not supported here (or nothing copied): plain read and write
+                data = reader.read(path, offset + done, want)
+                view = memoryview(data)
+                while view:
+                    w = os.write(out_fd, view)
+                    view = view[w:]
+                n = want
+            done += n
+
+
+def write_shard(shard: ShardPlan, plan: P.Plan, ckpt: Checkpoint, folder: Path,
+                metadata: Mapping[str, str], report: RunReport | None,
+                progress: Callable[[int], None], stats: WriteStats, lock: threading.Lock
+                ) -> None:
+    entries = []
+    for key in shard.keys:
+        n = plan.outputs[key]
+        entries.append((key, n.dtype, n.shape, P.nbytes(n.shape, n.dtype)))
+    reader = _Reader()
+    path = folder / shard.name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(os.dup(fd), "wb", buffering=0) as f:
+            write_all(f, header_bytes(entries, metadata))
+        os.lseek(fd, 0, os.SEEK_END)
+        for key, _, _, nbytes in entries:
+            node = plan.outputs[key]
+            segs = segments(node, ckpt) if not _needs_torch(node) else None
+            if segs is not None:
+                _copy(reader, fd, segs)
+                copied = True
+            else:
+                data = _tensor_bytes(_compute(key, node, plan, ckpt, reader, report))
+                if len(data) != nbytes:  # pragma: no cover - the planner fixed the size
+                    raise ConversionError(f"{key}: computed {len(data)} bytes, planned {nbytes}",
+                                          key=key)
+                view = data
+                while view:
+                    w = os.write(fd, view)
+                    view = view[w:]
+                copied = False
+            with lock:
+                stats.tensors += 1
+                stats.bytes += nbytes
+                if copied:
+                    stats.copied_tensors += 1
+                else:
+                    stats.computed_tensors += 1
+            progress(nbytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        reader.close()
+
+
+def _needs_torch(node: P.Node) -> bool:
+    """Nodes whose value depends on data (checks, lossy steps) always go through torch."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (P.Same, P.Verify, P.Reduce, P.Rescale, P.Const, P.Unpack, P.Pack,
+                          P.Take, P.Permute)):
+            return True
+        stack.extend(P.children(n))
+    return False
+
+
+def write_checkpoint(plan: P.Plan, ckpt: Checkpoint, folder: Path, shards: list[ShardPlan],
+                     metadata: Mapping[str, str], *, workers: int = 1,
+                     report: RunReport | None = None, quiet: bool = True) -> WriteStats:
+    """Write every output shard of ``plan`` into ``folder`` (which must exist)."""
+    from tqdm import tqdm
+
+    stats = WriteStats(shards=[s.name for s in shards])
+    total = sum(s.nbytes(plan) for s in shards)
+    bar: Any = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                    disable=quiet, desc="writing", dynamic_ncols=True)
+    lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        with lock:
+            bar.update(n)
+
+    start = time.perf_counter()
+    try:
+        if workers <= 1 or len(shards) == 1:
+            for shard in shards:
+                write_shard(shard, plan, ckpt, folder, metadata, report, progress, stats, lock)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(write_shard, shard, plan, ckpt, folder, metadata, report,
+                                       progress, stats, lock) for shard in shards]
+                for fut in futures:
+                    fut.result()
+    finally:
+        bar.close()
+    stats.seconds = time.perf_counter() - start
+    return stats

@@ -1,0 +1,225 @@
+"""Reading and writing safetensors files without trusting them.
+
+A header is validated before anything is used: its length and JSON size are bounded, every dtype
+is known, every tensor's byte range lies inside the file, ranges are in order and do not overlap,
+and each size equals shape x dtype. A checkpoint folder's index may not name shards outside the
+folder, and a key may live in one shard only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from convlens.compiler.plan import DTYPE_SIZES
+from convlens.errors import ConversionError
+
+MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON; real headers of 300k tensors stay far below
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a shard: where its bytes are (absolute offsets in the file)."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Shard:
+    path: Path
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+    size: int
+
+
+def _fail(path: Path, message: str, key: str | None = None) -> ConversionError:
+    return ConversionError(f"{path}: {message}", key=key)
+
+
+def read_header(path: Path) -> Shard:
+    """The validated header of one safetensors file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _fail(path, f"truncated: {size} bytes, not even a header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise _fail(path, f"header claims {n} bytes (limit {MAX_HEADER})")
+            if 8 + n > size:
+                raise _fail(path, f"truncated: header of {n} bytes but the file has {size}")
+            raw = f.read(n)
+    except OSError as exc:
+        raise _fail(path, f"cannot read: {exc.strerror}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(path, f"header is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _fail(path, "header is not a JSON object")
+    base = 8 + n
+    meta = data.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _fail(path, "__metadata__ must map strings to strings")
+    entries: dict[str, Entry] = {}
+    for key, info in data.items():
+        entries[key] = _entry(path, key, info, base, size)
+    _check_ranges(path, entries, base, size)
+    return Shard(path, entries, dict(meta), size)
+
+
+def _entry(path: Path, key: str, info: Any, base: int, size: int) -> Entry:
+    if not isinstance(info, dict):
+        raise _fail(path, "tensor entry is not an object", key)
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise _fail(path, f"unknown dtype {dtype!r}", key)
+    if (not isinstance(shape, list) or len(shape) > 16
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise _fail(path, f"bad shape {shape!r}", key)
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise _fail(path, f"bad data_offsets {offsets!r}", key)
+    begin, end = offsets
+    want = math.prod(shape) * DTYPE_SIZES[dtype]
+    if begin < 0 or end < begin:
+        raise _fail(path, f"data_offsets {offsets} are not an increasing range", key)
+    if end - begin != want:
+        raise _fail(path, f"{dtype}{shape} needs {want} bytes but data_offsets {offsets} hold "
+                    f"{end - begin}", key)
+    if base + end > size:
+        raise _fail(path, f"truncated: tensor ends at byte {base + end}, the file has {size}", key)
+    return Entry(key, dtype, tuple(shape), base + begin, base + end)
+
+
+def _check_ranges(path: Path, entries: Mapping[str, Entry], base: int, size: int) -> None:
+    last_end, last_key = base, None
+    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if e.start < last_end and e.nbytes and last_key is not None:
+            raise _fail(path, f"tensors {last_key!r} and {e.key!r} overlap", e.key)
+        if e.nbytes:
+            last_end, last_key = e.end, e.key
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder: its shards (validated headers) and which shard holds each key."""
+
+    root: Path
+    shards: list[Shard]
+    where: dict[str, Shard] = field(default_factory=dict)
+    index_metadata: dict[str, Any] = field(default_factory=dict)
+
+    def entry(self, key: str) -> Entry:
+        return self.where[key].entries[key]
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.where)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for s in self.shards for e in s.entries.values())
+
+
+def _inside(root: Path, name: str) -> Path:
+    """A shard named by an index, refusing names that leave the folder."""
+    if not name or os.path.isabs(name) or any(p in ("..", "") for p in Path(name).parts):
+        raise ConversionError(f"{root / INDEX_NAME}: shard name {name!r} leaves the checkpoint "
+                              "folder")
+    path = root / name
+    real = path.resolve()
+    if root.resolve() not in real.parents:
+        raise ConversionError(f"{root / INDEX_NAME}: shard {name!r} resolves outside the "
+                              f"checkpoint folder ({real})")
+    return path
+
+
+def open_checkpoint(root: Path) -> Checkpoint:
+    """Read and validate every shard header of a checkpoint folder (or one .safetensors file)."""
+    if root.is_file():
+        shard = read_header(root)
+        return Checkpoint(root.parent, [shard], {k: shard for k in shard.entries})
+    if not root.is_dir():
+        raise ConversionError(f"{root}: no such checkpoint folder")
+    index_path = root / INDEX_NAME
+    index_meta: dict[str, Any] = {}
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConversionError(f"{index_path}: not a readable JSON index ({exc})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index_path}: no weight_map")
+        index_meta = index.get("metadata") or {}
+        names = sorted({str(v) for v in weight_map.values()})
+        paths = [_inside(root, name) for name in names]
+        missing = [p.name for p in paths if not p.exists()]
+        if missing:
+            raise ConversionError(f"{index_path}: shard(s) missing: {', '.join(missing)}")
+    else:
+        paths = sorted(root.glob("*.safetensors"))
+        weight_map = None
+        if not paths:
+            raise ConversionError(f"{root}: no *.safetensors files")
+    shards = [read_header(p) for p in paths]
+    where: dict[str, Shard] = {}
+    for shard in shards:
+        for key in shard.entries:
+            if key in where:
+                raise ConversionError(f"{key!r} is in two shards: {where[key].path.name} and "
+                                      f"{shard.path.name}", key=key)
+            where[key] = shard
+    if weight_map is not None:
+        for key, name in weight_map.items():
+            if key not in where:
+                raise ConversionError(f"{index_path}: {key!r} is listed in {name} but no shard "
+                                      "holds it", key=key)
+            if where[key].path.name != Path(str(name)).name:
+                raise ConversionError(f"{index_path}: {key!r} is listed in {name} but lives in "
+                                      f"{where[key].path.name}", key=key)
+        unlisted = [k for k in where if k not in weight_map]
+        if unlisted:
+            raise ConversionError(f"{index_path}: {len(unlisted)} key(s) in the shards are not in "
+                                  f"the index, e.g. {unlisted[0]!r}", key=unlisted[0])
+    return Checkpoint(root, shards, where, index_meta)
+
+
+def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int]],
+                 metadata: Mapping[str, str]) -> bytes:
+    """The header of a safetensors file holding ``(key, dtype, shape, nbytes)`` in order,
+    padded to 8 bytes, with its length prefix."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, dtype, shape, nbytes in entries:
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset,
+                                                                              offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_all(f: BinaryIO, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if n is None or n <= 0:  # pragma: no cover - a short write on a full disk raises
+            raise OSError("short write")
+        view = view[n:]
