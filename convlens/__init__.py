@@ -12,6 +12,7 @@ True
 """
 
 from convlens.api import Conversion, compile_text, load_rules, shipped_rules
+from convlens.checkpoint import ConvertReport, convert_checkpoint
 from convlens.compiler.plan import Plan
 from convlens.compiler.planner import TensorMeta
 from convlens.errors import (
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Conversion",
     "ConversionError",
+    "ConvertReport",
     "ConvlensError",
     "ErrorGroup",
     "Plan",
@@ -34,6 +36,7 @@ __all__ = [
     "RuleSyntaxError",
     "TensorMeta",
     "compile_text",
+    "convert_checkpoint",
     "load_rules",
     "shipped_rules",
 ]
