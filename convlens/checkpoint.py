@@ -7,10 +7,12 @@ metadata (provenance), so that a later revert undoes exactly the rules that were
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +61,7 @@ class ConvertReport:
         lines.append(f"  {self.tensors_in} tensors in, {self.tensors_out} out, "
                      f"{self.bytes_out / 1e9:.3f} GB in {self.shards} shard(s)")
         for label, n in self.per_rule.items():
-            lines.append(f"  {n:8} tensors from {label}")
+            lines.append(f"  {n:8} tensors made by {label} (intermediate ones included)")
         lines.append(f"  {len(self.passthrough):8} passed through unchanged"
                      + (f" (e.g. {', '.join(self.passthrough[:3])})" if self.passthrough else ""))
         for step in self.lossy_steps:
@@ -123,12 +125,20 @@ def read_provenance(ckpt: Checkpoint) -> dict[str, Any] | None:
             continue
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError, ValueError):
             raise ConversionError(f"{shard.path}: unreadable convlens provenance") from None
         if found is not None and value != found:
             raise ConversionError(f"{shard.path}: shards disagree about how they were made")
         found = value
-    return found if isinstance(found, dict) else None
+    if found is None:
+        return None
+    if (not isinstance(found, dict) or not isinstance(found.get("conversion"), str)
+            or found.get("direction") not in ("apply", "revert")
+            or not isinstance(found.get("fired"), list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in found["fired"])):
+        raise ConversionError(f"{ckpt.shards[0].path}: malformed convlens provenance "
+                              f"({str(found)[:200]})")
+    return found
 
 
 def _subset(conversion: Conversion, fired: Iterable[int]) -> Conversion:
@@ -169,15 +179,23 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(dst: Path) -> list[Path]:
-    """Remove temporary folders that interrupted runs left next to ``dst``."""
+    """Remove temporary folders that interrupted runs left next to ``dst`` (their names end in
+    ``-{pid}-{token}``; only those whose process is gone are removed)."""
     removed = []
     for mark in (TMP_MARK, OLD_MARK):
-        for p in dst.parent.glob(f".{dst.name}{mark}*"):
-            pid = p.name.rsplit("-", 1)[-1]
+        for p in dst.parent.glob(f"{glob.escape('.' + dst.name + mark)}*"):
+            pid = p.name[len(dst.name) + 1 + len(mark):].split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
+                _remove(p)
                 removed.append(p)
     return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -243,27 +261,29 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None, rules: str | Pat
     clean_stale(dst)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} exists; pass --force to replace it")
-    tmp = dst.parent / f".{dst.name}{TMP_MARK}{os.getpid()}"
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # unique even if a pid is reused
+    tmp = dst.parent / f".{dst.name}{TMP_MARK}{token}"
     run = RunReport()
     n = len(conversion.program.rules)
     fired = sorted(plan.rule_counts) if direction == "apply" else sorted(
         n - 1 - i for i in plan.rule_counts)
-    provenance_out = {"conversion": conversion.name, "direction": direction, "fired": fired,
-                      "rules": [plan.rules[i].label for i in sorted(plan.rule_counts)],
-                      "policies": sorted(policies), "version": _version()}
+    provenance_out: dict[str, Any] = {
+        "conversion": conversion.name, "direction": direction, "fired": fired,
+        "rules": [plan.rules[i].label for i in sorted(plan.rule_counts)],
+        "policies": sorted(policies), "version": _version()}
+    if report.lossy_steps:  # where precision may be lost; what was lost is in the report
+        provenance_out["lossy_steps"] = report.lossy_steps
     try:
         tmp.mkdir(parents=True)
         metadata = {"format": "pt", PROVENANCE_KEY: json.dumps(provenance_out, sort_keys=True)}
         report.stats = write_checkpoint(plan, ckpt, tmp, shards, metadata, workers=workers,
                                         report=run, quiet=quiet)
         report.lossy = [str(e) for e in run.lossy]
-        if run.lossy:
-            provenance_out["lossy"] = report.lossy
         _write_index(tmp, plan, shards, provenance_out)
         _copy_other_files(root, tmp, new_config, new_hf_quant)
-        _swap_in(tmp, dst, force)
+        _swap_in(tmp, dst, force, token)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     report.seconds = time.perf_counter() - started
     return report
@@ -312,13 +332,13 @@ def _copy_other_files(src: Path, dst: Path, config: dict[str, Any] | None,
             shutil.copy2(path, target)
 
 
-def _swap_in(tmp: Path, dst: Path, force: bool) -> None:
-    if dst.exists():
+def _swap_in(tmp: Path, dst: Path, force: bool, token: str) -> None:
+    if dst.exists() or dst.is_symlink():
         if not force:  # pragma: no cover - checked before writing
             raise ConversionError(f"{dst} exists; pass --force to replace it")
-        old = dst.parent / f".{dst.name}{OLD_MARK}{os.getpid()}"
+        old = dst.parent / f".{dst.name}{OLD_MARK}{token}"
         dst.rename(old)
         tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         tmp.rename(dst)

@@ -168,6 +168,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from convlens.checkpoint import convert_checkpoint
 
+    if args.dst is None and not args.dry_run:
+        args.parser.error(f"{args.command}: DST is required (or --dry-run)")
     policies = [p.strip() for p in (args.lossy or "").split(",") if p.strip()]
     report = convert_checkpoint(
         args.src, None if args.dry_run else args.dst, rules=args.rules,
@@ -248,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "rescale, requantize")
         p.add_argument("--force", action="store_true", help="replace an existing DST")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report")
-        p.set_defaults(func=cmd_convert)
+        p.set_defaults(func=cmd_convert, parser=p)
 
     p = sub.add_parser("rules", help="list the shipped conversions")
     p.set_defaults(func=cmd_rules)
@@ -266,7 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"convlens: {exc}" if exc.span is None else str(exc), file=sys.stderr)
         return 1
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # the filesystem refused (permissions, full disk): not a usage error
+        if args.verbose:
+            raise
+        print(f"convlens: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
         if args.verbose:
             raise
         print(f"convlens: {exc}", file=sys.stderr)

@@ -150,11 +150,18 @@ def _reduce(node: P.Reduce, ev: Callable[[P.Node], torch.Tensor], plan: P.Plan,
     common = stacked.amax(0) if node.mode == "max" else stacked.amin(0)
     out = common.to(values[0].dtype)
     shown = [v.to(torch.float64).flatten()[:4].tolist() for v in values]
-    events.append(LossyEvent(_rule(plan, node), node.role, _keys(node), f"reconcile ({node.mode})",
-                             f"parts {shown} -> {out.to(torch.float64).flatten()[:4].tolist()}",
-                             float(((stacked - common).abs() / common.abs().clamp_min(1e-30))
-                                   .max())))
+    _record(events, LossyEvent(
+        _rule(plan, node), node.role, _keys(node), f"reconcile ({node.mode})",
+        f"parts {shown} -> {out.to(torch.float64).flatten()[:4].tolist()}",
+        float(((stacked - common).abs() / common.abs().clamp_min(1e-30)).max())))
     return out
+
+
+def _record(events: list[LossyEvent], event: LossyEvent) -> None:
+    # A value shared by several outputs (one reconciled scale) is one step, however often it
+    # is evaluated (the disk runtime evaluates each output on its own).
+    if event not in events:
+        events.append(event)
 
 
 def _rescale(node: P.Rescale, ev: Callable[[P.Node], torch.Tensor], plan: P.Plan,
@@ -168,9 +175,9 @@ def _rescale(node: P.Rescale, ev: Callable[[P.Node], torch.Tensor], plan: P.Plan
     nonzero = exact != 0
     err = ((out.to(torch.float64) - exact).abs() / exact.abs().clamp_min(1e-300))[nonzero]
     naive = float((ratio - 1).abs().max())
-    events.append(LossyEvent(_rule(plan, node), node.role, _keys(node.arg), "rescale",
-                             f"by {ratio.flatten()[:4].tolist()}",
-                             float(err.max()) if err.numel() else 0.0, naive))
+    _record(events, LossyEvent(_rule(plan, node), node.role, _keys(node.arg), "rescale",
+                               f"by {ratio.flatten()[:4].tolist()}",
+                               float(err.max()) if err.numel() else 0.0, naive))
     return out
 
 

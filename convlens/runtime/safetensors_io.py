@@ -67,10 +67,7 @@ def read_header(path: Path) -> Shard:
             raw = f.read(n)
     except OSError as exc:
         raise _fail(path, f"cannot read: {exc.strerror}") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"header is not valid JSON ({exc})") from None
+    data = _json(path, raw, "header")
     if not isinstance(data, dict):
         raise _fail(path, "header is not a JSON object")
     base = 8 + n
@@ -82,6 +79,18 @@ def read_header(path: Path) -> Shard:
         entries[key] = _entry(path, key, info, base, size)
     _check_ranges(path, entries, base, size)
     return Shard(path, entries, dict(meta), size)
+
+
+def _json(path: Path, raw: bytes, what: str) -> Any:
+    """JSON from untrusted bytes; nesting bombs and giant numbers are errors, not crashes."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(path, f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _fail(path, f"{what} is not valid JSON (it nests too deeply)") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise _fail(path, f"{what} is not valid JSON ({exc})") from None
 
 
 def _entry(path: Path, key: str, info: Any, base: int, size: int) -> Entry:
@@ -161,8 +170,19 @@ def open_checkpoint(root: Path) -> Checkpoint:
     index_meta: dict[str, Any] = {}
     if index_path.exists():
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raw = index_path.read_bytes()
+        except OSError as exc:
+            raise ConversionError(f"{index_path}: cannot read ({exc.strerror})") from None
+        if len(raw) > MAX_HEADER:
+            raise ConversionError(f"{index_path}: {len(raw)} bytes is too large for an index")
+        try:
+            index = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConversionError(f"{index_path}: not a readable JSON index ({exc})") from None
+        except RecursionError:
+            raise ConversionError(f"{index_path}: not a readable JSON index (nests too "
+                                  "deeply)") from None
+        except ValueError as exc:
             raise ConversionError(f"{index_path}: not a readable JSON index ({exc})") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
