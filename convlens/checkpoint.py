@@ -23,7 +23,13 @@ from convlens.compiler import plan as P
 from convlens.compiler.planner import TensorMeta
 from convlens.compiler.program import Program
 from convlens.errors import ConversionError
-from convlens.runtime.disk import WriteStats, plan_shards, write_checkpoint
+from convlens.runtime.disk import (
+    VerifyStats,
+    WriteStats,
+    plan_shards,
+    verify_outputs,
+    write_checkpoint,
+)
 from convlens.runtime.report import RunReport
 from convlens.runtime.safetensors_io import INDEX_NAME, Checkpoint, open_checkpoint
 
@@ -342,3 +348,61 @@ def _swap_in(tmp: Path, dst: Path, force: bool, token: str) -> None:
         _remove(old)
     else:
         tmp.rename(dst)
+
+
+@dataclass
+class VerifyReport:
+    src: Path
+    dst: Path
+    conversion: str
+    direction: str
+    stats: VerifyStats
+    config_problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.stats.mismatches and not self.config_problems
+
+    def summary(self) -> str:
+        s = self.stats
+        head = (f"verify {self.direction} {self.conversion}: {self.src} -> {self.dst}: "
+                f"{'ok' if self.ok else 'MISMATCH'}: {s.tensors} tensors, {s.bytes / 1e9:.3f} GB "
+                f"recomputed and compared in {s.seconds:.2f} s")
+        return "\n".join([head, *(f"  {m}" for m in s.mismatches),
+                          *(f"  config: {c}" for c in self.config_problems)])
+
+
+def verify_checkpoint(src: str | Path, dst: str | Path, rules: str | Path | None = None,
+                      *, workers: int = 1) -> VerifyReport:
+    """Check a converted checkpoint against its source without trusting the writer: the
+    conversion is taken from the destination's provenance (or ``rules``), every output tensor is
+    recomputed from the source and compared byte for byte, the key sets are accounted for, and
+    the configs are checked against the ones the conversion maps."""
+    src, dst = Path(src), Path(dst)
+    src_ckpt, dst_ckpt = open_checkpoint(src), open_checkpoint(dst)
+    provenance = read_provenance(dst_ckpt)
+    if provenance is None and rules is None:
+        raise ConversionError(f"{dst} carries no convlens provenance; pass --rules to say which "
+                              "conversion made it")
+    direction: Direction = (provenance or {}).get("direction", "revert")
+    conversion = load_rules(rules if rules is not None else provenance["conversion"])  # type: ignore[index]
+    if provenance is not None and provenance["conversion"] == conversion.name:
+        conversion = _subset(conversion, provenance["fired"])
+    config = _read_json(src_ckpt.root / "config.json") or {}
+    hf_quant = _read_json(src_ckpt.root / "hf_quant_config.json")
+    plan_config = dict(config)
+    if hf_quant is not None:
+        plan_config["hf_quant_config"] = hf_quant
+    metas = {k: TensorMeta(e.shape, e.dtype) for s in src_ckpt.shards for k, e in s.entries.items()}
+    policies = (provenance or {}).get("policies", [])
+    plan = conversion.plan(metas, plan_config, direction=direction, policies=policies)
+    stats = verify_outputs(plan, src_ckpt, dst_ckpt, workers=workers)
+    problems = []
+    new_config, new_hf_quant, _ = _map_configs(plan, config, hf_quant)
+    for name, want in (("config.json", new_config), ("hf_quant_config.json", new_hf_quant)):
+        if want is None:
+            continue
+        got = _read_json(dst_ckpt.root / name)
+        if got != want:
+            problems.append(f"{name} differs from the one the conversion maps")
+    return VerifyReport(src, dst, conversion.name, direction, stats, problems)

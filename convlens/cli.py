@@ -6,6 +6,7 @@
     convlens parse FILE                 the AST outline
     convlens plan --rules R SAFETENSORS [--revert]   the plan listing for a checkpoint file
     convlens apply|revert [--rules R] SRC DST       convert a checkpoint folder on disk
+    convlens verify SRC DST             recompute DST from SRC and compare byte for byte
     convlens rules | schemes            the shipped conversions and quantization formats
 
 Exit codes: 0 ok, 1 rule or conversion error, 2 usage. Errors print ``file:line:col``, the source
@@ -181,6 +182,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from convlens.checkpoint import verify_checkpoint
+
+    report = verify_checkpoint(args.src, args.dst, rules=args.rules, workers=args.workers)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def cmd_rules(args: argparse.Namespace) -> int:
     from convlens.api import load_rules, shipped_rules
 
@@ -251,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="replace an existing DST")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report")
         p.set_defaults(func=cmd_convert, parser=p)
+
+    p = sub.add_parser("verify", help="recompute a converted checkpoint from its source and "
+                       "compare, byte for byte")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--rules", help="the conversion (default: the destination's provenance)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("rules", help="list the shipped conversions")
     p.set_defaults(func=cmd_rules)
