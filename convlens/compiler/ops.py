@@ -179,9 +179,13 @@ def n_reshape(arg: P.Node, shape: P.Shape, origin: int) -> P.Node:
 
 
 def n_same(args: list[P.Node], origin: int) -> P.Node:
+    # Dedupe by identity: each input is one Load object, reused by renames, so equal inputs
+    # are the same object (and a deep == on 384 experts' nodes is quadratic).
+    seen: set[int] = set()
     unique: list[P.Node] = []
     for a in args:
-        if not any(a is u or a == u for u in unique):
+        if id(a) not in seen:
+            seen.add(id(a))
             unique.append(a)
     if len(unique) == 1:
         return unique[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from convlens.compiler.naming import SUFFIX_ROLES
 from convlens.dsl.ast import Capture, Literal, Pattern, Segment
@@ -47,6 +47,7 @@ class CompiledPattern:
         # A literal that every matching key contains: a cheap test before the regex.
         self.needle = max(literals, key=len) if literals else ""
         self.min_segments = len(pattern.segments)
+        self.ints = tuple(n for n, c in self.captures.items() if c.kind == "int")
         # str.format template: literals cannot hold braces (the scanner refuses them)
         self._template = ".".join(
             "".join(p.text if isinstance(p, Literal) else "{" + p.name + "}" for p in seg)
@@ -170,3 +171,81 @@ def _segments_meet(a: Segment, b: Segment) -> bool:
 def _literal_end(seg: Segment, where: int) -> str:
     piece = seg[where]
     return piece.text if isinstance(piece, Literal) else ""
+
+
+# --- matching many keys: one regex match per key *shape* ------------------------------------
+
+_DIGIT_SEGMENT = re.compile(r"(?<![^.])[0-9]+(?![^.])")
+_SLOW = object()
+
+
+class KeyMatcher:
+    """Match keys against a rule's source patterns, caching per key template.
+
+    Keys of a large checkpoint differ mostly in their digit segments (layer and expert
+    indices): ``model.layers.#.mlp.experts.#.w1.weight``. The first key of a template is
+    matched with the regexes; where its captures and stem end sit is recorded by segment, and
+    later keys of the same template are read off their segments with no regex. Patterns with
+    digits in their literals take the regex path every time. A capture that covers whole
+    segments is re-read per key; one inside a segment with literal text around it sits in a
+    segment the template keeps verbatim, so its value is the same for the whole template.
+    """
+
+    def __init__(self, patterns: tuple[CompiledPattern, ...]) -> None:
+        self.patterns = patterns
+        self.cacheable = not any(
+            isinstance(piece, Literal) and any(c.isdigit() for c in piece.text)
+            for p in patterns for seg in p.source.segments for piece in seg)
+        self.cache: dict[str, Any] = {}
+
+    def _slow(self, key: str) -> tuple[int, Match] | None:
+        for j, pat in enumerate(self.patterns):
+            m = pat.match(key)
+            if m is not None:
+                return j, m
+        return None
+
+    def match(self, key: str) -> tuple[int, Match] | None:
+        if not self.cacheable:
+            return self._slow(key)
+        template = _DIGIT_SEGMENT.sub("#", key)
+        entry = self.cache.get(template)
+        if entry is None:
+            found = self._slow(key)
+            self.cache[template] = False if found is None else self._learn(key, *found)
+            return found
+        if entry is False:
+            return None
+        j, caps, stem_seg, stem_off = entry
+        segs = key.split(".")
+        captures = {name: (".".join(segs[a:b]) if a >= 0 else value)
+                    for name, (a, b, value) in caps.items()}
+        for name in self.patterns[j].ints:
+            value = captures[name]
+            if len(value) > 1 and value[0] == "0":  # not a canonical int: the regex decides
+                return self._slow(key)
+        stem = ".".join(segs[:stem_seg + 1])
+        if stem_off is not None:
+            stem = stem[: len(stem) - len(segs[stem_seg]) + stem_off]
+        return j, Match(captures, stem, key[len(stem):])
+
+    def _learn(self, key: str, j: int, m: Match) -> Any:
+        starts = [0]
+        starts += [i + 1 for i, ch in enumerate(key) if ch == "."]
+        ends = [b - 1 for b in starts[1:]] + [len(key)]
+        full = self.patterns[j].regex.match(key)
+        assert full is not None
+        caps: dict[str, tuple[int, int, str]] = {}
+        for name in self.patterns[j].captures:
+            a, b = full.span(name)
+            if a in starts and b in ends:
+                caps[name] = (starts.index(a), ends.index(b) + 1, "")
+            else:
+                caps[name] = (-1, -1, key[a:b])
+        stem_end = len(m.stem)
+        seg = max(i for i, st in enumerate(starts) if st <= stem_end) if stem_end < len(key) \
+            else len(starts) - 1
+        if stem_end in ends:
+            seg = ends.index(stem_end)
+            return j, caps, seg, None
+        return j, caps, seg, stem_end - starts[seg]

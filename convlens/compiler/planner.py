@@ -23,6 +23,7 @@ from convlens.compiler.layout import (
     view_shape,
 )
 from convlens.compiler.naming import key_for, owns, role_of
+from convlens.compiler.patterns import KeyMatcher
 from convlens.compiler.program import Program, Rule
 from convlens.compiler.schemes import all_schemes, config_hints
 from convlens.errors import ConversionError
@@ -113,12 +114,14 @@ def _rekey(rule: Rule, stem: str, tail: str, key: str) -> str:
 
 def _rename_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[str],
                  counts: dict[int, int]) -> dict[str, P.Node]:
-    src, dst = rule.src.patterns[0], rule.dst.patterns[0]
+    dst = rule.dst.patterns[0]
+    matcher = KeyMatcher(rule.src.patterns)
     out: dict[str, P.Node] = {}
     hits = 0
     for key, node in state.items():
-        m = src.match(key)
-        if m is None or not all(g.allows(m.captures) for g in rule.guards):
+        hit = matcher.match(key)
+        m = hit[1] if hit is not None else None
+        if m is None or (rule.guards and not all(g.allows(m.captures) for g in rule.guards)):
             _put(out, key, node, rule)
             continue
         new = _rekey(rule, dst.format(m.captures), m.tail, key)
@@ -179,14 +182,12 @@ def _tensor_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[
     group_names = sorted(c for c in patterns[0].captures if c not in rule.stacked)
     groups: dict[tuple[str, ...], _Group] = {}
     order: list[tuple[str, Any]] = []  # ("key", key) | ("group", gid), in input order
+    matcher = KeyMatcher(patterns)
     for key in state:
-        hit = None
-        for j, pat in enumerate(patterns):
-            m = pat.match(key)
-            if (m is not None and owns(m.tail, naming)
-                    and (not guards or all(g.allows(m.captures) for g in guards))):
-                hit = (j, m)
-                break
+        hit = matcher.match(key)
+        if hit is not None and not (owns(hit[1].tail, naming) and (
+                not guards or all(g.allows(hit[1].captures) for g in guards))):
+            hit = _later_pattern(patterns, hit[0], key, naming, guards)
         if hit is None:
             order.append(("key", key))
             continue
@@ -222,6 +223,17 @@ def _tensor_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[
     if made:
         counts[index] = counts.get(index, 0) + made
     return out
+
+
+def _later_pattern(patterns: tuple[Any, ...], first: int, key: str, naming: Any,
+                   guards: tuple[Any, ...]) -> tuple[int, Any] | None:
+    """The first pattern after ``first`` that owns ``key`` (the matcher stops at the first
+    regex match, which a guard or the naming may still turn down)."""
+    for j in range(first + 1, len(patterns)):
+        m = patterns[j].match(key)
+        if m is not None and owns(m.tail, naming) and all(g.allows(m.captures) for g in guards):
+            return j, m
+    return None
 
 
 def _describe(captures: dict[str, str]) -> str:
