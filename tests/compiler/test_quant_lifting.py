@@ -368,16 +368,33 @@ def test_unknown_role_next_to_an_expert_weight_is_an_error(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_role_the_scheme_does_not_model_next_to_stacked_experts_is_an_error(name: str) -> None:
-    """In memory (``naming param``): ``gate_up_proj_pre_quant_scale`` (NVFP4_AWQ's smoothing
-    vector, which modelopt_nvfp4 does not describe) next to the stacked weight is refused, not
-    split or unstacked by a guess."""
+    """In memory (``naming param``): ``gate_up_proj_k_scale`` (a KV-cache scale, which
+    modelopt_nvfp4 does not describe on an MLP weight) next to the stacked weight is refused,
+    not split or unstacked by a guess."""
     fam = FAMILIES[name]
     mem = dict(build(fam, seed=6).mem)
-    key = f"{fam.experts_mem.format(l=fam.moe_layers[0])}.gate_up_proj_pre_quant_scale"
-    mem[key] = torch.ones(E, H, dtype=torch.bfloat16)
+    key = f"{fam.experts_mem.format(l=fam.moe_layers[0])}.gate_up_proj_k_scale"
+    mem[key] = torch.ones(E, dtype=torch.float32)
     with pytest.raises(convlens.ConversionError) as info:
         convlens.load_rules(fam.rules).revert(mem)
-    assert "pre_quant_scale" in str(info.value)
+    assert "k_scale" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_nvfp4_awq_pre_quant_scale_goes_to_both_gate_and_up(name: str) -> None:
+    """NVFP4_AWQ's per-input ``pre_quant_scale`` next to stacked experts: gate and up read the
+    same input, so each expert's w1 and w3 get that expert's vector back."""
+    fam = FAMILIES[name]
+    mem = dict(build(fam, seed=6).mem)
+    stem = fam.experts_mem.format(l=fam.moe_layers[0])
+    pqs = torch.arange(E * H, dtype=torch.float32).reshape(E, H).bfloat16()
+    mem[f"{stem}.gate_up_proj_pre_quant_scale"] = pqs
+    hub = convlens.load_rules(fam.rules).revert(mem)
+    found = {k: v for k, v in hub.items() if k.endswith("pre_quant_scale")}
+    assert len(found) == 2 * E
+    for k, v in found.items():
+        e = int(k.split(".experts.")[1].split(".")[0])
+        assert torch.equal(v, pqs[e]), k
 
 
 def test_unknown_role_next_to_a_dense_weight_is_an_error() -> None:
