@@ -104,7 +104,8 @@ class _Segs:
 
 
 def _append(out: list[Segment], seg: Segment) -> None:
-    if out and out[-1][0] == seg[0] and out[-1][1] + out[-1][2] == seg[1]:
+    # paths are the checkpoint's own objects: identity is enough (PurePath.__eq__ is slow)
+    if out and out[-1][0] is seg[0] and out[-1][1] + out[-1][2] == seg[1]:
         last = out[-1]
         out[-1] = (last[0], last[1], last[2] + seg[2])
     else:
@@ -117,24 +118,36 @@ class _TooMany(Exception):
     pass
 
 
-def segments(node: P.Node, ckpt: Checkpoint) -> list[Segment] | None:
-    """The bytes of ``node`` as byte ranges of the input files, or None if it needs torch."""
+def segments(node: P.Node, ckpt: Checkpoint, memo: dict[int, Any] | None = None
+             ) -> list[Segment] | None:
+    """The bytes of ``node`` as byte ranges of the input files, or None if it needs torch.
+    ``memo`` keeps the segments of shared sub-expressions (the stacked tensor that all E
+    reverted experts slice) across the outputs of one writer."""
     try:
-        found = _segments(node, ckpt)
+        found = _segments(node, ckpt, {} if memo is None else memo)
     except _TooMany:
         return None
     return None if found is None else found.segs
 
 
-def _segments(node: P.Node, ckpt: Checkpoint) -> _Segs | None:
+def _segments(node: P.Node, ckpt: Checkpoint, memo: dict[int, Any]) -> _Segs | None:
+    key = id(node)
+    if key in memo:
+        return memo[key][1]  # type: ignore[no-any-return]
+    found = _segments_of(node, ckpt, memo)
+    memo[key] = (node, found)  # the node is kept alive, so its id stays unique
+    return found
+
+
+def _segments_of(node: P.Node, ckpt: Checkpoint, memo: dict[int, Any]) -> _Segs | None:
     size = P.DTYPE_SIZES[node.dtype]
     if isinstance(node, P.Load):
         e = ckpt.entry(node.key)
         return _Segs([(ckpt.where[node.key].path, e.start, e.nbytes)] if e.nbytes else [])
     if isinstance(node, P.Reshape):
-        return _segments(node.arg, ckpt)
+        return _segments(node.arg, ckpt, memo)
     if isinstance(node, (P.Stack, P.Cat)):
-        parts = [_segments(a, ckpt) for a in node.args]
+        parts = [_segments(a, ckpt, memo) for a in node.args]
         if any(p is None for p in parts):
             return None
         outer = math.prod(node.shape[:node.dim])
@@ -146,7 +159,7 @@ def _segments(node: P.Node, ckpt: Checkpoint) -> _Segs | None:
                 part.take(i * chunk, chunk, out)
         return _Segs(out)
     if isinstance(node, (P.Slice, P.Select)):
-        src = _segments(node.arg, ckpt)
+        src = _segments(node.arg, ckpt, memo)
         if src is None:
             return None
         shape = node.arg.shape
@@ -265,9 +278,10 @@ def write_shard(shard: ShardPlan, plan: P.Plan, ckpt: Checkpoint, folder: Path,
         with os.fdopen(os.dup(fd), "wb", buffering=0) as f:
             write_all(f, header_bytes(entries, metadata))
         os.lseek(fd, 0, os.SEEK_END)
+        memo: dict[int, Any] = {}
         for key, _, _, nbytes in entries:
             node = plan.outputs[key]
-            segs = segments(node, ckpt) if not _needs_torch(node) else None
+            segs = segments(node, ckpt, memo) if not _needs_torch(node) else None
             if segs is not None:
                 _copy(reader, fd, segs)
                 copied = True
@@ -351,10 +365,10 @@ class VerifyStats:
     mismatches: list[str] = field(default_factory=list)
 
 
-def _expected(key: str, node: P.Node, plan: P.Plan, ckpt: Checkpoint, reader: _Reader
-              ) -> Any:
+def _expected(key: str, node: P.Node, plan: P.Plan, ckpt: Checkpoint, reader: _Reader,
+              memo: dict[int, Any]) -> Any:
     """The bytes ``node`` must have, as chunks (read lazily for byte-range gathers)."""
-    segs = None if _needs_torch(node) else segments(node, ckpt)
+    segs = None if _needs_torch(node) else segments(node, ckpt, memo)
     if segs is None:
         yield bytes(_tensor_bytes(_compute(key, node, plan, ckpt, reader, None)))
         return
@@ -381,6 +395,7 @@ def verify_outputs(plan: P.Plan, src: Checkpoint, dst: Checkpoint, *, workers: i
 
     def check(keys: list[str]) -> None:
         reader = _Reader()
+        memo: dict[int, Any] = {}
         try:
             for key in keys:
                 node, entry = plan.outputs[key], dst.entry(key)
@@ -390,7 +405,7 @@ def verify_outputs(plan: P.Plan, src: Checkpoint, dst: Checkpoint, *, workers: i
                                f"{node.dtype}{list(node.shape)} expected")
                 else:
                     at = entry.start
-                    for chunk in _expected(key, node, plan, src, reader):
+                    for chunk in _expected(key, node, plan, src, reader, memo):
                         got = reader.read(dst.where[key].path, at, len(chunk))
                         if got != chunk:
                             problem = f"{key}: bytes differ from the recomputed tensor"

@@ -207,11 +207,13 @@ def open_checkpoint(root: Path) -> Checkpoint:
                                       f"{shard.path.name}", key=key)
             where[key] = shard
     if weight_map is not None:
+        names_of = {id(s): s.path.name for s in shards}
         for key, name in weight_map.items():
             if key not in where:
                 raise ConversionError(f"{index_path}: {key!r} is listed in {name} but no shard "
                                       "holds it", key=key)
-            if where[key].path.name != Path(str(name)).name:
+            listed = str(name)
+            if names_of[id(where[key])] != listed.rsplit("/", 1)[-1]:
                 raise ConversionError(f"{index_path}: {key!r} is listed in {name} but lives in "
                                       f"{where[key].path.name}", key=key)
         unlisted = [k for k in where if k not in weight_map]
