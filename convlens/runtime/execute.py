@@ -72,6 +72,9 @@ def execute(plan: P.Plan, tensors: Mapping[str, torch.Tensor],
         return t
 
     result = {key: ev(node) for key, node in plan.outputs.items()}
+    # ev is a recursive closure (a reference cycle through its cell): without this the memo of
+    # intermediate tensors would live until the cyclic GC runs, not until this call returns
+    memo.clear()
     return separate(result, tensors) if copy else result
 
 
