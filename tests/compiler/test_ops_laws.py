@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import torch
+from bitexact import raw_bits
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -62,13 +63,6 @@ class Fill:
         if dtype == torch.float32:
             return torch.arange(start, start + n, dtype=torch.float64).to(dtype).reshape(shape)
         return torch.arange(start, start + n, dtype=dtype).reshape(shape)
-
-
-def raw_bits(t: torch.Tensor) -> torch.Tensor:
-    # A fresh 1-D copy: .contiguous() keeps odd strides of size-1 dims, which view() rejects.
-    flat = torch.empty(t.numel(), dtype=t.dtype)
-    flat.copy_(t.reshape(-1))
-    return flat.view(torch.uint8)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+from bitexact import raw_bits
 
 import convlens
 
@@ -31,13 +32,6 @@ class Fill:
         if dtype in (torch.float32, torch.float64):
             return torch.arange(start, start + n, dtype=torch.float64).to(dtype).reshape(shape)
         return torch.arange(start, start + n, dtype=dtype).reshape(shape)
-
-
-def raw_bits(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of ``t`` in row-major order (a fresh copy, so any strides work)."""
-    flat = torch.empty(t.numel(), dtype=t.dtype)
-    flat.copy_(t.reshape(-1))
-    return flat.view(torch.uint8)
 
 
 def assert_bits(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
