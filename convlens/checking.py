@@ -246,12 +246,14 @@ def _dequantized(stems: dict[str, dict[str, str]], tensors: Mapping[str, torch.T
     """Each stem as a plain float64 weight (and its bias, if any) under the same naming."""
     from convlens.compiler.layout import RoleMeta, detect
     from convlens.compiler.naming import key_for
-    from convlens.compiler.schemes import all_schemes
+    from convlens.compiler.schemes import all_schemes, companion_roles
     from convlens.runtime.dequant import dequantize
     from convlens.runtime.dtypes import dtype_name
 
     out: dict[str, torch.Tensor] = {}
-    for stem, roles in stems.items():
+    for stem, every in stems.items():
+        # companions (KV-cache scales) scale activations, not this weight: not dequantized
+        roles = {r: k for r, k in every.items() if r not in companion_roles()}
         metas = {r: RoleMeta(tuple(tensors[k].shape), dtype_name(tensors[k].dtype))
                  for r, k in roles.items()}
         found = detect(all_schemes(), metas, axes, hints)

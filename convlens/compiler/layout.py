@@ -124,6 +124,7 @@ class RoleSpec:
     activation: bool = False  # an activation scale (the `max` policy applies)
     reciprocal: bool = False  # stored as 1/scale (compressed-tensors global scales)
     index: bool = False  # values are positions along its axis (GPTQ g_idx)
+    homes: tuple[str, ...] = ()  # a companion role: the stem names that may carry it
 
     def follows_logical_order(self) -> bool:
         names = [a.name for a in self.axes]
@@ -162,6 +163,7 @@ class Scheme:
     dequant: Any = None
     path: str = "<builtin>"
     params: Mapping[str, int] = field(default_factory=dict)
+    companion: bool = False  # roles that sit next to any scheme's (kv cache scales)
 
     def bind(self, hints: frozenset[str]) -> Scheme:
         """This scheme with its params (block sizes) taken from ``key=value`` config hints."""

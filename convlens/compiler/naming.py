@@ -24,6 +24,14 @@ SUFFIX_ROLES: frozenset[str] = frozenset({
 })
 
 
+# Roles a naming spells its own way. transformers keeps the FP8 block scale of a 3-D expert
+# parameter as ``experts.gate_up_proj_scale_inv`` (FineGrainedFP8 experts), not
+# ``..._weight_scale_inv``; one spelling per naming keeps both directions bit-exact in names.
+_SPELLED: dict[tuple[str, str], str] = {("param", "weight_scale_inv"): "scale_inv"}
+_READ: dict[tuple[str, str], str] = {(n, spelled): role for (n, role), spelled in _SPELLED.items()}
+_UNSPELLED: frozenset[tuple[str, str]] = frozenset(_SPELLED)
+
+
 def owns(tail: str, naming: NamingKind) -> bool:
     """Whether a tensor rule's stem claims a key with this tail at all.
 
@@ -44,7 +52,12 @@ def role_of(tail: str, naming: NamingKind) -> str | None:
     if naming == "param":
         if tail == "":
             return "weight"
-        return tail[1:] if tail.startswith("_") else None
+        if not tail.startswith("_"):
+            return None
+        name = tail[1:]
+        if (naming, name) in _UNSPELLED:
+            return None  # spelled otherwise in this naming
+        return _READ.get((naming, name), name)
     if tail.startswith("_"):
         return tail[1:]
     return None
@@ -56,4 +69,4 @@ def key_for(stem: str, role: str, naming: NamingKind) -> str:
         return f"{stem}.{role}"
     if naming == "param" and role == "weight":
         return stem
-    return f"{stem}_{role}"
+    return f"{stem}_{_SPELLED.get((naming, role), role)}"

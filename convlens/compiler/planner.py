@@ -19,13 +19,14 @@ from convlens.compiler.layout import (
     canonical_from_view,
     default_axes,
     detect,
+    fit_role,
     is_stack_axis,
     view_shape,
 )
 from convlens.compiler.naming import key_for, owns, role_of
 from convlens.compiler.patterns import KeyMatcher
 from convlens.compiler.program import Program, Rule
-from convlens.compiler.schemes import all_schemes, config_hints
+from convlens.compiler.schemes import all_schemes, companion_roles, config_hints
 from convlens.errors import ConversionError
 
 
@@ -249,13 +250,20 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
     role_sets: set[frozenset[str]] = set()
     checks: list[P.Node] = []
     meta_roles: set[str] = set()
+    carried: list[dict[str, tuple[str, P.Node]]] = []  # per part: its companion roles
     for j, part in enumerate(group.parts):
         pattern = rule.src.patterns[j]
         if not part:
             raise ctx.fail(f"no tensors match {pattern.text!r} next to {group.first!r}; every "
                            "pattern of the rule needs its part")
         members: dict[tuple[int, ...], O.StemValue] = {}
+        carried.append({})
         for idx, member in sorted(part.items()):
+            member, extra = _companions(ctx, member)
+            if extra and (idx or rule.stacked):
+                raise ctx.fail(f"{', '.join(extra)} belong(s) to one stem and cannot be stacked "
+                               "with the experts", key=next(iter(extra.values()))[0])
+            carried[j].update(extra)
             members[idx], more, names = _stem_value(rule, ctx, member, hints)
             checks += more
             meta_roles |= names
@@ -266,9 +274,10 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
         raise ctx.fail(f"the parts have different tensors: {sets}")
     for op in rule.ops:
         streams = op.apply(streams, ctx)
+    placed = _place_companions(rule, ctx, group, carried, streams) if any(carried) else None
     results: list[tuple[str, P.Node]] = []
     axes_ok: set[Any] = set()
-    for stream, pattern in zip(streams, rule.dst.patterns, strict=True):
+    for i, (stream, pattern) in enumerate(zip(streams, rule.dst.patterns, strict=True)):
         for idx, value in stream.members.items():
             _check_axes(rule, ctx, value, axes_ok)
             caps = dict(group.captures)
@@ -281,10 +290,77 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
                 dtype = value.scheme.roles[role].dtype or "I64"
                 const = P.Const(value.shape, (len(value.shape),), dtype, index)
                 results.append((key_for(stem, role, rule.dst.naming), const))
+            if placed is not None:
+                for role, (_, node) in placed[i].items():
+                    results.append((key_for(stem, role, rule.dst.naming), node))
     if checks and results:
         key, first = results[0]
         results[0] = (key, P.Verify(first, tuple(checks), first.shape, first.dtype, index))
     return results
+
+
+def _companions(ctx: O.OpContext, member: _Member
+                ) -> tuple[_Member, dict[str, tuple[str, P.Node]]]:
+    """Split a stem's companion roles (KV-cache scales: they belong to this stem alone and go
+    around the ops) from the roles of its weight's scheme."""
+    known = companion_roles()
+    if not any(role in known for role in member.roles):
+        return member, {}
+    own = _Member({r: kv for r, kv in member.roles.items() if r not in known})
+    extra = {r: kv for r, kv in member.roles.items() if r in known}
+    for role, (key, node) in extra.items():
+        fit = fit_role(known[role], RoleMeta(node.shape, node.dtype), (), {})
+        if isinstance(fit, str):
+            raise ctx.fail(f"companion role {fit}", role=role, key=key)
+    return own, extra
+
+
+def _last(stem: str) -> str:
+    return stem.rsplit(".", 1)[-1]
+
+
+def _place_companions(rule: Rule, ctx: O.OpContext, group: _Group,
+                      carried: list[dict[str, tuple[str, P.Node]]], streams: list[O.Stream]
+                      ) -> list[dict[str, tuple[str, P.Node]]]:
+    """Which output stem gets each companion role: the same part through per-tensor ops, the
+    fused stem when parts are joined, and the one part named as its home when split."""
+    known = companion_roles()
+    if any(s.captures or set(s.members) != {()} for s in streams):
+        role = next(r for c in carried for r in c)
+        raise ctx.fail(f"{role} belongs to one stem and cannot go through a stack or unstack",
+                       role=role)
+    src = [_last(p.format(group.captures)) for p in rule.src.patterns]
+    dst = [_last(p.format(group.captures)) for p in rule.dst.patterns]
+    out: list[dict[str, tuple[str, P.Node]]] = [{} for _ in streams]
+    if len(carried) == len(streams):
+        return carried
+    if len(streams) == 1:
+        for j, roles in enumerate(carried):
+            for role, (key, node) in roles.items():
+                if role in out[0]:
+                    raise ctx.fail(f"{role} of {key!r} and of {out[0][role][0]!r} would both "
+                                   "land on the fused stem", role=role, key=key)
+                if src[j] not in known[role].homes:
+                    raise ctx.fail(
+                        f"{role} sits on {src[j]!r}, which is not one of the stems that may "
+                        f"carry it ({', '.join(known[role].homes)}): the split back could not "
+                        "tell which part it belongs to", role=role, key=key)
+                out[0][role] = (key, node)
+        return out
+    if len(carried) == 1:
+        for role, (key, node) in carried[0].items():
+            homes = [i for i, name in enumerate(dst) if name in known[role].homes]
+            if len(homes) != 1:
+                raise ctx.fail(
+                    f"{role} of {key!r} belongs to one part, but "
+                    + ("none" if not homes else ", ".join(dst[i] for i in homes))
+                    + f" of the parts ({', '.join(dst)}) is named as its stem "
+                    f"({', '.join(known[role].homes)})", role=role, key=key)
+            out[homes[0]][role] = (key, node)
+        return out
+    role = next(r for c in carried for r in c)
+    raise ctx.fail(f"{role} belongs to one stem; a rule from {len(carried)} parts to "
+                   f"{len(streams)} cannot place it", role=role)
 
 
 _STEMS: dict[tuple[Any, ...], Any] = {}

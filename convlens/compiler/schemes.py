@@ -37,7 +37,17 @@ def compile_scheme(node: ast.Scheme) -> Scheme:
             roles[decl.name] = _role(decl, params)
         except RuleError as exc:
             errors.append(exc)
-    if roles:
+    if node.companion:
+        for decl in node.roles:
+            if decl.name in roles and (roles[decl.name].axes or not decl.part_of
+                                       or roles[decl.name].kind != "tensor"):
+                errors.append(RuleError(
+                    f"companion role {decl.name} must be a scalar ([]) with `part of NAMES`: "
+                    "it belongs to one stem and is never split or joined", span=decl.span))
+        if node.dequant is not None or node.params:
+            errors.append(RuleError(f"companion {node.name} has no dequant formula or params",
+                                    span=node.span))
+    elif roles:
         primary = next(iter(roles.values()))
         if primary.kind != "tensor" or primary.optional or primary.shared:
             errors.append(RuleError("the first role carries the logical tensor: it needs axes "
@@ -45,8 +55,12 @@ def compile_scheme(node: ast.Scheme) -> Scheme:
         elif {a.name for a in primary.axes} != set(_AXES):
             errors.append(RuleError("the first role must store both out and in",
                                     span=node.roles[0].span))
-    else:
+    if not roles:
         errors.append(RuleError(f"scheme {node.name} declares no roles", span=node.span))
+    for decl in node.roles:
+        if decl.part_of and not node.companion:
+            errors.append(RuleError(f"role {decl.name}: `part of` belongs in a companion file",
+                                    span=decl.span))
     for name in roles:
         if name not in SUFFIX_ROLES:
             errors.append(RuleError(
@@ -61,7 +75,8 @@ def compile_scheme(node: ast.Scheme) -> Scheme:
     if errors:
         raise errors[0] if len(errors) == 1 else ErrorGroup(errors)
     detects = {d.key: frozenset(d.values) for d in node.detects}
-    return Scheme(node.name, roles, detects, dequant, node.path, params)
+    return Scheme(node.name, roles, detects, dequant, node.path, params,
+                  companion=node.companion)
 
 
 def _role(decl: ast.RoleDecl, params: Mapping[str, int]) -> RoleSpec:
@@ -111,7 +126,7 @@ def _role(decl: ast.RoleDecl, params: Mapping[str, int]) -> RoleSpec:
     return RoleSpec(decl.name, dtype, "tensor", tuple(axes), views,
                     shared="shared" in flags, optional="optional" in flags,
                     activation="activation" in flags, reciprocal="reciprocal" in flags,
-                    index="index" in flags)
+                    index="index" in flags, homes=decl.part_of)
 
 
 def _formula(e: ast.Expr, roles: Mapping[str, RoleSpec]) -> Any:
@@ -138,15 +153,24 @@ def scheme_files() -> dict[str, Path]:
 
 
 @lru_cache(maxsize=1)
-def all_schemes() -> tuple[Scheme, ...]:
-    """Every shipped scheme, most specific first, and the plain scheme last."""
+def _shipped() -> tuple[Scheme, ...]:
     from convlens.dsl.parser import parse_scheme_file
 
-    out = []
-    for name, path in sorted(scheme_files().items()):
-        out.append(compile_scheme(parse_scheme_file(path, f"convlens/schemes/{name}.conv")))
-    out.sort(key=lambda s: -len(s.roles))
+    return tuple(compile_scheme(parse_scheme_file(path, f"convlens/schemes/{name}.conv"))
+                 for name, path in sorted(scheme_files().items()))
+
+
+@lru_cache(maxsize=1)
+def all_schemes() -> tuple[Scheme, ...]:
+    """Every shipped scheme, most specific first, and the plain scheme last."""
+    out = sorted((s for s in _shipped() if not s.companion), key=lambda s: -len(s.roles))
     return (*out, PLAIN)
+
+
+@lru_cache(maxsize=1)
+def companion_roles() -> Mapping[str, RoleSpec]:
+    """Roles of the shipped companion files (KV-cache scales), by name."""
+    return {name: spec for s in _shipped() if s.companion for name, spec in s.roles.items()}
 
 
 def scheme(name: str) -> Scheme:

@@ -269,6 +269,7 @@ class RoleDecl:
     views: tuple[tuple[DimDecl, ...], ...] = ()
     flags: tuple[str, ...] = ()
     span: Span = _span()
+    part_of: tuple[str, ...] = ()  # stem names that may carry it (companion roles)
 
 
 @dataclass(frozen=True)
@@ -298,3 +299,4 @@ class Scheme:
     params: tuple[Param, ...] = ()
     path: str = field(default="<string>", compare=False)
     span: Span = _span()
+    companion: bool = False  # ``companion NAME``: roles that sit next to any scheme's

@@ -107,7 +107,7 @@ def _dim(d: ast.DimDecl) -> str:
 
 def format_scheme(s: ast.Scheme) -> str:
     """Canonical text of a scheme file."""
-    out = [f"scheme {s.name}"]
+    out = [f"{'companion' if s.companion else 'scheme'} {s.name}"]
     out += [f"  param {p.name} {p.default}" for p in s.params]
     for d in s.detects:
         out.append(f"  for {d.key} " + ", ".join(v if v.isidentifier() else _string(v)
@@ -121,6 +121,8 @@ def format_scheme(s: ast.Scheme) -> str:
             line += " as " + " | ".join("[" + ", ".join(_dim(d) for d in v) + "]"
                                         for v in r.views)
         line += "".join(f" {f}" for f in r.flags)
+        if r.part_of:
+            line += " part of " + ", ".join(r.part_of)
         out.append(line)
     if s.dequant is not None:
         out.append(f"  dequant {format_expr(s.dequant)}")

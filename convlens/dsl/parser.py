@@ -111,7 +111,7 @@ class _Builder(Transformer[Token, Any]):
 
     @v_args(meta=True)
     def scheme_file(self, meta: Any, children: list[Any]) -> ast.Scheme:
-        name, span = children[0]
+        name, span, *kind = children[0]
         detects = tuple(c for c in children[1:] if isinstance(c, ast.Detect))
         roles = tuple(c for c in children[1:] if isinstance(c, ast.RoleDecl))
         dequants = [c for c in children[1:] if isinstance(c, tuple) and c[0] == "dequant"]
@@ -120,7 +120,7 @@ class _Builder(Transformer[Token, Any]):
         params = tuple(c for c in children[1:] if isinstance(c, ast.Param))
         return ast.Scheme(name=name, detects=detects, roles=roles,
                           dequant=dequants[0][1] if dequants else None, params=params,
-                          path=self.path, span=span)
+                          path=self.path, span=span, companion=bool(kind))
 
     @v_args(meta=True)
     def param(self, meta: Any, children: list[Token]) -> ast.Param:
@@ -129,6 +129,13 @@ class _Builder(Transformer[Token, Any]):
     @v_args(meta=True)
     def scheme_header(self, meta: Any, children: list[Token]) -> tuple[str, Span]:
         return str(children[0]), self._span(meta)
+
+    @v_args(meta=True)
+    def companion_header(self, meta: Any, children: list[Token]) -> tuple[str, Span, str]:
+        return str(children[0]), self._span(meta), "companion"
+
+    def part_of(self, children: list[Token]) -> tuple[str, tuple[str, ...]]:
+        return "part_of", tuple(str(c) for c in children)
 
     @v_args(meta=True)
     def detect(self, meta: Any, children: list[Token]) -> ast.Detect:
@@ -140,14 +147,17 @@ class _Builder(Transformer[Token, Any]):
         name, dtype, shape = str(children[0]), str(children[1]), children[2]
         views: tuple[tuple[ast.DimDecl, ...], ...] = ()
         flags: list[str] = []
+        part_of: tuple[str, ...] = ()
         for c in children[3:]:
             if isinstance(c, Token) and c.type == "FLAG":
                 flags.append(str(c))
             elif isinstance(c, tuple) and c and c[0] == "view":
                 views = c[1]
+            elif isinstance(c, tuple) and c and c[0] == "part_of":
+                part_of = c[1]
         axes = None if shape == "shape" else tuple(shape)
         return ast.RoleDecl(name=name, dtype=dtype, axes=axes, views=views, flags=tuple(flags),
-                            span=self._span(meta))
+                            span=self._span(meta), part_of=part_of)
 
     def shape(self, children: list[Any]) -> list[ast.AxisDecl]:
         return [c for c in children if c is not None]

@@ -368,15 +368,22 @@ def fp8_block_experts(family: str, inter: int, scheme: str, seed: int = 1
             per[e, w] = {"weight": gen.f8(o, i), role: scale(o, i)}
             for r, t in per[e, w].items():
                 hub[f"{stem.format(e=e, w=w)}.{r}"] = t
+    suffix = mem_suffix(role)
     mem = {
         MEM + "gate_up_proj": torch.stack(
             [torch.cat([per[e, gate]["weight"], per[e, up]["weight"]]) for e in range(2)]),
-        MEM + f"gate_up_proj_{role}": torch.stack(
+        MEM + f"gate_up_proj{suffix}": torch.stack(
             [torch.cat([per[e, gate][role], per[e, up][role]]) for e in range(2)]),
         MEM + "down_proj": torch.stack([per[e, down]["weight"] for e in range(2)]),
-        MEM + f"down_proj_{role}": torch.stack([per[e, down][role] for e in range(2)]),
+        MEM + f"down_proj{suffix}": torch.stack([per[e, down][role] for e in range(2)]),
     }
     return hub, mem
+
+
+def mem_suffix(role: str) -> str:
+    """How a 3-D expert parameter names its scale: transformers' FineGrainedFP8 experts keep
+    ``gate_up_proj_scale_inv``; ModelOpt's exports ``gate_up_proj_weight_scale``."""
+    return "_scale_inv" if role == "weight_scale_inv" else f"_{role}"
 
 
 @pytest.fixture(scope="module")
@@ -454,7 +461,7 @@ def test_convlens_refuses_fp8_block_fuse_when_I_is_not_a_multiple_of_128(
     rows = -(-2 * inter // 128)
     scale = gen.f32(2, rows, BLOCK_H // 128)
     mem = {MEM + "gate_up_proj": gen.f8(2, 2 * inter, BLOCK_H),
-           MEM + f"gate_up_proj_{role}": (scale if role == "weight_scale_inv"
+           MEM + f"gate_up_proj{mem_suffix(role)}": (scale if role == "weight_scale_inv"
                                           else scale.reshape(2, rows, 1, BLOCK_H // 128, 1))}
     conv = convlens.load_rules("mixtral")
     for direction, sd in (("apply", hub), ("revert", mem)):
@@ -597,3 +604,42 @@ def test_bmm_nvfp4_deinterleave_duplicates_a_0d_weight_scale_2() -> None:
         assert out[p + name + "_weight_scale_2"].shape == ()
         assert out[p + name + "_weight_scale_2"].item() == 0.5
     assert_bit_exact(conv.revert(out), sd, "bmm round trip, 0-d weight_scale_2")
+
+
+# --- 3b. transformers' own FP8 experts: the names and shapes it allocates -------------------------
+
+
+@pytest.mark.transformers
+def test_convlens_reverts_transformers_own_fp8_experts_and_applies_back(hf: Any) -> None:
+    """transformers' FineGrainedFP8 ``FP8Experts`` (static activations, 128x128 blocks) is the
+    in-memory layout a DeepSeek/Qwen3 FP8 checkpoint loads into: ``gate_up_proj`` F8 [E, 2I, H]
+    with ``gate_up_proj_scale_inv`` [E, 2I/128, H/128] (no ``weight_`` in the name) and
+    ``gate_up_proj_activation_scale`` [E]. Its parameter names and shapes come from transformers
+    itself; convlens reverts them to per-expert hub tensors and applies back bit for bit."""
+    from transformers import Qwen3MoeConfig
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+
+    config = Qwen3MoeConfig(hidden_size=256, moe_intermediate_size=128, num_experts=2,
+                            intermediate_size=256, num_hidden_layers=1)
+    experts = FP8Experts(config, block_size=(128, 128), activation_scheme="static")
+    gen = Gen(11)
+    mem: StateDict = {}
+    for name, p in experts.named_parameters():
+        t = gen.f8(*p.shape) if p.dtype == torch.float8_e4m3fn else gen.f32(*p.shape)
+        mem[MEM + name] = t
+    assert MEM + "gate_up_proj_scale_inv" in mem and MEM + "down_proj_scale_inv" in mem
+    # one activation scale per expert, the same for gate and up (they read the same input)
+    conv = convlens.load_rules("qwen2_moe")
+    hub = conv.revert(mem)
+    E_, I_, H_ = 2, 128, 256
+    for e in range(E_):
+        for w, (o, i) in (("gate_proj", (I_, H_)), ("up_proj", (I_, H_)),
+                          ("down_proj", (H_, I_))):
+            stem = f"model.layers.0.mlp.experts.{e}.{w}"
+            assert hub[f"{stem}.weight"].shape == (o, i)
+            assert hub[f"{stem}.weight_scale_inv"].shape == (o // 128, i // 128)
+            assert hub[f"{stem}.activation_scale"].shape == ()
+        assert raw_bits(hub[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"]).equal(
+            raw_bits(mem[MEM + "gate_up_proj"][e, :I_]))
+    assert len(hub) == E_ * 3 * 3
+    assert_bit_exact(conv.apply(hub), mem, "apply(revert(FP8Experts))")
