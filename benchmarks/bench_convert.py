@@ -705,16 +705,16 @@ def probe_transformers(src: Path, rules: str, direction: str) -> dict[str, Any]:
 
 
 def run_convlens(src: Path, dst: Path, rules: str, direction: str, workers: int | None,
-                 max_shard_size: str | None, force_torch: bool, no_fsync: bool
+                 max_shard_size: str | None, force_torch: bool, fsync: bool
                  ) -> dict[str, Any]:
     import convlens.runtime.disk as disk
     from convlens.checkpoint import convert_checkpoint
 
     if force_torch:  # diagnostic: every output through the torch path (bounded by its group)
         disk.MAX_SEGMENTS = 0
-    if no_fsync:  # diagnostic: what the per-shard fsync costs
-        disk.os.fsync = lambda fd: None  # type: ignore[assignment]
     kwargs: dict[str, Any] = {} if workers is None else {"workers": workers}
+    if fsync:  # durable like cp -r + sync: every file flushed before the rename
+        kwargs["fsync"] = True
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     t0 = time.perf_counter()
@@ -827,7 +827,7 @@ def child_main(spec: dict[str, Any]) -> None:
         assert src and dst
         res = run_convlens(src, dst, spec["rules"], spec["direction"], spec.get("workers"),
                            spec.get("max_shard_size"), spec.get("force_torch", False),
-                           spec.get("no_fsync", False))
+                           spec.get("fsync", False))
     elif kind == "transformers":
         assert src and dst
         res = run_transformers(src, dst, spec.get("max_shard_size", "5GB"))
@@ -1141,10 +1141,10 @@ def bench_workload(h: Harness, R: Results, w: str, workdir: Path, size: float,
                                 "dst": str(workdir / f"w{w}-naive")}},
         {"key": "convlens", "label": "convlens", "src": src, "dst": workdir / f"w{w}-convlens",
          "keep": True, "spec": dict(conv, dst=str(workdir / f"w{w}-convlens"))}]
-    if diag and w in ("1", "2"):  # what the fsync per shard costs, paired with the rest
-        methods.append({"key": "nofsync", "label": "convlens, fsync disabled", "src": src,
-                        "dst": workdir / f"w{w}-nofsync",
-                        "spec": dict(conv, dst=str(workdir / f"w{w}-nofsync"), no_fsync=True)})
+    if w in ("1", "2"):  # durable, against cp -r + sync
+        methods.append({"key": "fsync", "label": "convlens --fsync", "src": src,
+                        "dst": workdir / f"w{w}-fsync",
+                        "spec": dict(conv, dst=str(workdir / f"w{w}-fsync"), fsync=True)})
     R.methods[w] = h.rounds(methods)
     d = h.child({"kind": "compare", "pairs": {"naive-convlens": [
         str(workdir / f"w{w}-naive"), str(workdir / f"w{w}-convlens")]}}, "compare")
@@ -1186,7 +1186,7 @@ def bench_workload(h: Harness, R: Results, w: str, workdir: Path, size: float,
 
 def copies(src: Path, stem: Path) -> list[dict[str, Any]]:
     """The physical references: cp -r, and cp -r followed by an fsync of every copied file
-    (``sync FILE...``), as durable as convlens, which fsyncs each shard it writes."""
+    (``sync FILE...``), as durable as ``convlens --fsync``."""
     a, b = Path(f"{stem}-cp"), Path(f"{stem}-cpsync")
     return [{"key": "cp", "label": "cp -r", "src": src, "dst": a,
              "argv": ["cp", "-r", str(src), str(a)]},
@@ -1250,10 +1250,10 @@ def bench_w2r(h: Harness, R: Results, workdir: Path, hub_src: Path, diag: bool) 
 # --- the report ------------------------------------------------------------------------------
 
 
-METHOD_ORDER = ["cp", "cpsync", "naive", "transformers", "convlens", "nofsync"]
+METHOD_ORDER = ["cp", "cpsync", "naive", "transformers", "convlens", "fsync"]
 LABELS = {"cp": "`cp -r` (physical reference)",
-          "cpsync": "`cp -r` + `sync` of each file (durable like convlens)",
-          "nofsync": "diagnostic: convlens with `os.fsync` disabled",
+          "cpsync": "`cp -r` + `sync` of each file (durable like `--fsync`)",
+          "fsync": "convlens `fsync=True` (`--fsync`: every file on disk before the rename)",
           "naive": "naive: `load_file` per shard, hand-written torch, `save_file`",
           "transformers": "transformers `revert_weight_conversion` + `save_file`",
           "convlens": "**convlens** `convert_checkpoint` (default workers=1)"}
@@ -1345,7 +1345,7 @@ def render(R: Results, command: str, args: argparse.Namespace, elapsed: float,
 
     out += ["convlens internals (last timed run): before write = headers, planning, name "
             "check, shard planning; write = byte-range copies (`os.copy_file_range`) and torch "
-            "groups, fsync per shard.", "",
+            "groups (no fsync unless `--fsync`).", "",
             "| workload | tensors in -> out | headers s | plan s | before write s | write s | "
             "copied / computed | output shards |", "|---|---|---:|---:|---:|---:|---|---:|"]
     for w in ("1", "2", "2r", "3"):
@@ -1420,8 +1420,9 @@ def render(R: Results, command: str, args: argparse.Namespace, elapsed: float,
     for w in ("1", "2"):
         r = ratio(w, "convlens", "cp")
         if r is not None:
-            durable = ratio(w, "convlens", "cpsync")
-            extra = "" if durable is None else f"; vs `cp -r` + sync: {durable:.2f}x"
+            durable = ratio(w, "fsync", "cpsync")
+            extra = "" if durable is None else (f"; `--fsync` vs `cp -r` + sync: "
+                                                f"{durable:.2f}x")
             out.append(f"| convlens throughput >= 0.8x `cp -r`, workload {w} | {r:.2f}x"
                        f"{paired(w, 'convlens', 'cp')}{extra} | "
                        f"{'yes' if r >= 0.8 else '**no**'} |")

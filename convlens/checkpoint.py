@@ -215,12 +215,14 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None, rules: str | Pat
                        direction: Direction = "revert", *, strict: bool = False,
                        policies: Iterable[str] = (), max_shard_size: int | str = "5GB",
                        workers: int = 1, force: bool = False, dry_run: bool = False,
-                       quiet: bool = True) -> ConvertReport:
+                       quiet: bool = True, fsync: bool = False) -> ConvertReport:
     """Convert the checkpoint folder ``src`` into ``dst`` (``apply`` or ``revert``).
 
     Without ``rules`` the conversion is chosen from the source's provenance (a checkpoint that
     convlens wrote) or its ``config.json``. The whole plan is validated before any byte is
-    written; a plan that fails writes nothing.
+    written; a plan that fails writes nothing. DST appears complete or not at all whatever
+    happens to the process; ``fsync`` also flushes every file and the folder to disk before
+    the rename, so that DST survives a power loss or an OS crash too (like ``cp`` + ``sync``).
     """
     started = time.perf_counter()
     src = Path(src)
@@ -283,11 +285,15 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None, rules: str | Pat
         tmp.mkdir(parents=True)
         metadata = {"format": "pt", PROVENANCE_KEY: json.dumps(provenance_out, sort_keys=True)}
         report.stats = write_checkpoint(plan, ckpt, tmp, shards, metadata, workers=workers,
-                                        report=run, quiet=quiet)
+                                        report=run, quiet=quiet, durable=fsync)
         report.lossy = [str(e) for e in run.lossy]
         _write_index(tmp, plan, shards, provenance_out)
         _copy_other_files(root, tmp, new_config, new_hf_quant)
+        if fsync:
+            _sync_tree(tmp)
         _swap_in(tmp, dst, force, token)
+        if fsync:
+            _sync_dir(dst.parent)
     except BaseException:
         _remove(tmp)
         raise
@@ -336,6 +342,28 @@ def _copy_other_files(src: Path, dst: Path, config: dict[str, Any] | None,
             target.write_text(json.dumps(hf_quant, indent=4) + "\n", encoding="utf-8")
         else:
             shutil.copy2(path, target)
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file below ``folder`` that is not yet on disk, then the folders."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            _sync_dir(path)
+        elif not path.name.endswith(".safetensors"):  # shards were synced as they were written
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _sync_dir(folder)
 
 
 def _swap_in(tmp: Path, dst: Path, force: bool, token: str) -> None:

@@ -175,8 +175,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     report = convert_checkpoint(
         args.src, None if args.dry_run else args.dst, rules=args.rules,
         direction=args.command, strict=args.strict, policies=policies,
-        max_shard_size=args.max_shard_size, workers=args.workers, force=args.force,
-        dry_run=args.dry_run, quiet=args.quiet)
+        max_shard_size=int(args.max_shard_size) if args.max_shard_size.isdigit()
+        else args.max_shard_size, workers=args.workers, force=args.force,
+        dry_run=args.dry_run, quiet=args.quiet, fsync=args.fsync)
     if not args.quiet or args.dry_run:
         print(report.summary())
     return 0
@@ -252,12 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="print the plan summary, write "
                        "nothing")
         p.add_argument("--strict", action="store_true", help="fail on keys no rule matches")
-        p.add_argument("--max-shard-size", default="5GB", help="like transformers (default 5GB)")
+        p.add_argument("--max-shard-size", default="5GB", help="bytes, or with a unit "
+                       "like transformers: 500MB, 5GB (default 5GB)")
         p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                        help="shards written in parallel")
         p.add_argument("--lossy", help="allow lossy steps: a comma-separated list of max, "
                        "rescale, requantize")
         p.add_argument("--force", action="store_true", help="replace an existing DST")
+        p.add_argument("--fsync", action="store_true", help="flush DST to disk before it "
+                       "appears, so it also survives a power loss (slower, like cp + sync)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report")
         p.set_defaults(func=cmd_convert, parser=p)
 
