@@ -9,7 +9,6 @@ folder, and a key may live in one shard only.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -24,7 +23,7 @@ MAX_HEADER = 100 * 1024 * 1024  # bytes of JSON; real headers of 300k tensors st
 INDEX_NAME = "model.safetensors.index.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One tensor of a shard: where its bytes are (absolute offsets in the file)."""
 
@@ -94,19 +93,26 @@ def _json(path: Path, raw: bytes, what: str) -> Any:
 
 
 def _entry(path: Path, key: str, info: Any, base: int, size: int) -> Entry:
-    if not isinstance(info, dict):
+    # exact type tests (``type(x) is int`` also refuses bools) and one loop per shape: this runs
+    # for each of the 100k+ tensors of a large checkpoint
+    if type(info) is not dict:
         raise _fail(path, "tensor entry is not an object", key)
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    itemsize = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
+    if itemsize is None:
         raise _fail(path, f"unknown dtype {dtype!r}", key)
-    if (not isinstance(shape, list) or len(shape) > 16
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if type(shape) is not list or len(shape) > 16:
         raise _fail(path, f"bad shape {shape!r}", key)
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    want = itemsize
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise _fail(path, f"bad shape {shape!r}", key)
+        want *= d
+    if type(offsets) is not list or len(offsets) != 2:
         raise _fail(path, f"bad data_offsets {offsets!r}", key)
     begin, end = offsets
-    want = math.prod(shape) * DTYPE_SIZES[dtype]
+    if type(begin) is not int or type(end) is not int:
+        raise _fail(path, f"bad data_offsets {offsets!r}", key)
     if begin < 0 or end < begin:
         raise _fail(path, f"data_offsets {offsets} are not an increasing range", key)
     if end - begin != want:
@@ -114,7 +120,7 @@ def _entry(path: Path, key: str, info: Any, base: int, size: int) -> Entry:
                     f"{end - begin}", key)
     if base + end > size:
         raise _fail(path, f"truncated: tensor ends at byte {base + end}, the file has {size}", key)
-    return Entry(key, dtype, tuple(shape), base + begin, base + end)
+    return Entry(key, str(dtype), tuple(shape), base + begin, base + end)
 
 
 def _check_ranges(path: Path, entries: Mapping[str, Entry], base: int, size: int) -> None:
