@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import ast as pyast
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.visitors import Transformer_NonRecursive
 
 from convlens.dsl import ast
 from convlens.dsl.patterns import parse_pattern
 from convlens.errors import ConvlensError, RuleError, RuleSyntaxError, Span
+
+# Limits on hostile input: each is far above what a real file needs and keeps the later stages
+# (compiler, formatter, evaluation: recursive over expressions, quadratic over rules) bounded.
+MAX_STATEMENTS = 10_000  # statements of one file
+MAX_EXPR_DEPTH = 100  # operators nested in one expression (a chain a + b + ... nests too)
+MAX_INT = 2**63 - 1  # a number in a rule or scheme file
+
+# What the lexer would read as a statement keyword: strings and comments are skipped, and a
+# keyword counts when a pattern (or, for include, a name) follows, which op names never have.
+_STATEMENT_SCAN = re.compile(
+    r'"(?:[^"\\\n]|\\[^\n])*"|#[^\n]*'
+    r'|\b(?:rename|fuse|split|map|drop|expect)\b(?=\s*")|\binclude\b(?=\s+[A-Za-z_])')
+_SHORTEST_STATEMENT = len("include a") + 1
 
 # Friendly messages for common mistakes: lark matches a failing input against these examples by
 # parser state (UnexpectedInput.match_examples). tests/dsl/test_errors.py runs every entry.
@@ -75,11 +90,29 @@ def grammar_text() -> str:
     return (Path(__file__).parent.parent / "grammars" / "conv.lark").read_text()
 
 
-class _Builder(Transformer[Token, Any]):
+_E = TypeVar("_E", ast.BinOp, ast.Call)
+
+
+class _Builder(Transformer_NonRecursive[Token, Any]):  # deep expressions: no recursion
     def __init__(self, path: str, lines: list[str]) -> None:
         super().__init__()
         self.path = path
         self.lines = lines
+        # operator depth of each expression node built so far (node kept alive with its depth)
+        self.depths: dict[int, tuple[Any, int]] = {}
+
+    def _int(self, tok: Token) -> int:
+        text = str(tok)
+        digits = text.lstrip("0")
+        if len(digits) > len(str(MAX_INT)) or int(text) > MAX_INT:
+            shown = text if len(text) <= 30 else f"{text[:12]}...{text[-6:]} ({len(text)} digits)"
+            raise RuleError(f"number {shown} is too large (the limit is 2**63 - 1)",
+                            span=self._tok_span(tok))
+        return int(text)
+
+    def _depth(self, node: Any) -> int:
+        found = self.depths.get(id(node))
+        return found[1] if found is not None and found[0] is node else 0
 
     def _span(self, meta: Any) -> Span:
         if getattr(meta, "empty", True):
@@ -124,7 +157,8 @@ class _Builder(Transformer[Token, Any]):
 
     @v_args(meta=True)
     def param(self, meta: Any, children: list[Token]) -> ast.Param:
-        return ast.Param(name=str(children[0]), default=int(children[1]), span=self._span(meta))
+        return ast.Param(name=str(children[0]), default=self._int(children[1]),
+                         span=self._span(meta))
 
     @v_args(meta=True)
     def scheme_header(self, meta: Any, children: list[Token]) -> tuple[str, Span]:
@@ -172,13 +206,13 @@ class _Builder(Transformer[Token, Any]):
     @v_args(meta=True)
     def axis_packed(self, meta: Any, children: list[Any]) -> ast.AxisDecl:
         order = str(children[3]) if len(children) > 3 and children[3] is not None else None
-        return ast.AxisDecl(name=str(children[0]), kind="packed", factor=int(children[1]),
+        return ast.AxisDecl(name=str(children[0]), kind="packed", factor=self._int(children[1]),
                             codec=str(children[2]), order=order, span=self._span(meta))
 
     @v_args(meta=True)
     def axis_blocked(self, meta: Any, children: list[Token]) -> ast.AxisDecl:
         size = children[1]
-        factor: int | str = int(size) if size.type == "INT" else str(size)
+        factor: int | str = self._int(size) if size.type == "INT" else str(size)
         return ast.AxisDecl(name=str(children[0]), kind="blocked", factor=factor,
                             span=self._span(meta))
 
@@ -189,10 +223,10 @@ class _Builder(Transformer[Token, Any]):
         return tuple(c for c in children if c is not None)
 
     def dim_literal(self, children: list[Token]) -> ast.DimDecl:
-        return ast.DimDecl(axis=None, literal=int(children[0]))
+        return ast.DimDecl(axis=None, literal=self._int(children[0]))
 
     def dim_div(self, children: list[Token]) -> ast.DimDecl:
-        return ast.DimDecl(axis=str(children[0]), divisor=int(children[1]))
+        return ast.DimDecl(axis=str(children[0]), divisor=self._int(children[1]))
 
     def dim_axis(self, children: list[Token]) -> ast.DimDecl:
         return ast.DimDecl(axis=str(children[0]))
@@ -218,14 +252,15 @@ class _Builder(Transformer[Token, Any]):
         return self._bin("/", meta, children)
 
     def d_int(self, children: list[Token]) -> ast.Int:
-        return ast.Int(value=int(children[0]), span=self._tok_span(children[0]))
+        return ast.Int(value=self._int(children[0]), span=self._tok_span(children[0]))
 
     def d_role(self, children: list[Token]) -> ast.Ref:
         return ast.Ref(path=(str(children[0]),), span=self._tok_span(children[0]))
 
     @v_args(meta=True)
     def d_call(self, meta: Any, children: list[Any]) -> ast.Call:
-        return ast.Call(func=str(children[0]), arg=children[1], span=self._span(meta))
+        return self._nested(ast.Call(func=str(children[0]), arg=children[1],
+                                     span=self._span(meta)), children[1:])
 
     @v_args(meta=True)
     def header(self, meta: Any, children: list[Any]) -> tuple[str, tuple[ast.Target, ...], Span]:
@@ -316,7 +351,7 @@ class _Builder(Transformer[Token, Any]):
         return ast.Op(name=name, args=args, on=on, span=self._span(meta))
 
     def on(self, children: list[Token]) -> tuple[int, ...]:
-        return tuple(int(c) for c in children)
+        return tuple(self._int(c) for c in children)
 
     @v_args(meta=True)
     def kwarg(self, meta: Any, children: list[Any]) -> ast.Arg:
@@ -331,8 +366,20 @@ class _Builder(Transformer[Token, Any]):
         return ast.Tuple(items=tuple(children), span=self._span(meta))
 
     def _bin(self, op: str, meta: Any, children: list[Any]) -> ast.BinOp:
-        return ast.BinOp(op=op, left=children[0], right=children[1],  # type: ignore[arg-type]
+        node = ast.BinOp(op=op, left=children[0], right=children[1],  # type: ignore[arg-type]
                          span=self._span(meta))
+        return self._nested(node, children)
+
+    def _nested(self, node: _E, operands: list[Any]) -> _E:
+        """``node`` with its operator depth recorded; too deep is an error at its place (the
+        later stages walk expressions recursively)."""
+        depth = 1 + max((self._depth(c) for c in operands), default=0)
+        if depth > MAX_EXPR_DEPTH:
+            raise RuleError(f"expression nested too deeply (more than {MAX_EXPR_DEPTH} operators "
+                            "deep, counting each + - * / of a chain)", span=node.span,
+                            hint="compute the value in the config, or split the expression")
+        self.depths[id(node)] = (node, depth)
+        return node
 
     @v_args(meta=True)
     def add(self, meta: Any, children: list[Any]) -> ast.BinOp:
@@ -351,7 +398,7 @@ class _Builder(Transformer[Token, Any]):
         return self._bin("//", meta, children)
 
     def int(self, children: list[Token]) -> ast.Int:
-        return ast.Int(value=int(children[0]), span=self._tok_span(children[0]))
+        return ast.Int(value=self._int(children[0]), span=self._tok_span(children[0]))
 
     @v_args(meta=True)
     def ref(self, meta: Any, children: list[Token]) -> ast.Ref:
@@ -382,6 +429,7 @@ def parse_scheme(text: str, path: str = "<string>") -> ast.Scheme:
 def parse_document(text: str, path: str = "<string>") -> ast.Conversion | ast.Scheme:
     """Parse a conversion or a scheme file."""
     lines = text.splitlines()
+    _check_size(text, path, lines)
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as exc:
@@ -399,24 +447,51 @@ def parse_document(text: str, path: str = "<string>") -> ast.Conversion | ast.Sc
     return result
 
 
-def read_text(p: Path) -> str:
+def _check_size(text: str, path: str, lines: list[str]) -> None:
+    """Refuse a file of more than MAX_STATEMENTS statements before parsing it (a cheap scan)."""
+    if len(text) <= MAX_STATEMENTS * _SHORTEST_STATEMENT:
+        return
+    count = 0
+    for m in _STATEMENT_SCAN.finditer(text):
+        if m.group().startswith(('"', "#")):
+            continue
+        count += 1
+        if count > MAX_STATEMENTS:
+            line = text.count("\n", 0, m.start()) + 1
+            col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+            src = lines[line - 1] if line <= len(lines) else ""
+            raise RuleSyntaxError(
+                f"too many statements: more than {MAX_STATEMENTS} in one file",
+                span=Span(path, line, col, col + len(m.group()), src),
+                hint="split the conversion into files and 'include' them")
+
+
+def read_text(p: Path, display: str | None = None) -> str:
     try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise RuleSyntaxError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raw = p.read_bytes()
     except OSError as exc:
         raise RuleSyntaxError(f"cannot read rule file {p}: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        begin = raw.rfind(b"\n", 0, exc.start) + 1
+        end = raw.find(b"\n", exc.start)
+        src = raw[begin:end if end >= 0 else len(raw)].decode("utf-8", "replace")
+        col = len(raw[begin:exc.start].decode("utf-8", "replace")) + 1
+        raise RuleSyntaxError(f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+                              span=Span(display or str(p), line, col, col + 1, src)) from None
 
 
 def parse_scheme_file(path: str | Path, display: str | None = None) -> ast.Scheme:
     p = Path(path)
-    return parse_scheme(read_text(p), display or str(p))
+    return parse_scheme(read_text(p, display), display or str(p))
 
 
 def parse_file(path: str | Path, display: str | None = None) -> ast.Conversion:
     """Parse a rule file; ``display`` is how messages name it (default: the path)."""
     p = Path(path)
-    return parse(read_text(p), display or str(p))
+    return parse(read_text(p, display), display or str(p))
 
 
 def _syntax_error(exc: UnexpectedInput, text: str, path: str, lines: list[str]) -> RuleSyntaxError:

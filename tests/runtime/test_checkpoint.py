@@ -484,12 +484,13 @@ def write_big(folder: Path) -> int:
     return 1 + 3 * BIG_E * BIG_L  # tensors after revert
 
 
-def start_cli(tmp_path: Path, src: Path, dst: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_cli(tmp_path: Path, src: Path, dst: Path, *extra: str
+              ) -> tuple[subprocess.Popen[bytes], Path]:
     """``convlens revert`` in a subprocess, returned once it has begun writing a shard."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "convlens.cli", "revert", "--rules", "mixtral", str(src), str(dst),
-         "--workers", "1", "--max-shard-size", "20MB", "-q"], cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE)
+         "--workers", "1", "--max-shard-size", "20MB", "-q", *extra], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def started() -> Path | None:  # the run's folder: .{dst}.convlens-tmp-{pid}-{token}
         found = list(dst.parent.glob(f".{dst.name}.convlens-tmp-{proc.pid}-*"))
