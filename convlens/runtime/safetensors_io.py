@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -53,7 +54,10 @@ def _fail(path: Path, message: str, key: str | None = None) -> ConversionError:
 def read_header(path: Path) -> Shard:
     """The validated header of one safetensors file."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block, a device never end
+            raise _fail(path, "not a regular file")
+        size = info.st_size
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -158,11 +162,47 @@ def _inside(root: Path, name: str) -> Path:
         raise ConversionError(f"{root / INDEX_NAME}: shard name {name!r} leaves the checkpoint "
                               "folder")
     path = root / name
-    real = path.resolve()
-    if root.resolve() not in real.parents:
+    try:
+        real = path.resolve()
+        path.exists()  # raises on names the OS refuses (too long)
+    except ValueError:  # an embedded NUL byte
+        raise ConversionError(f"{root / INDEX_NAME}: shard name {name!r} is not a file "
+                              "name") from None
+    except RuntimeError:  # Python < 3.13 reports a symlink loop so
+        raise ConversionError(f"{root / INDEX_NAME}: shard {name!r} is a symlink loop") from None
+    except OSError as exc:
+        raise ConversionError(f"{root / INDEX_NAME}: shard name {name!r} cannot be used "
+                              f"({exc.strerror})") from None
+    if not any(r in real.parents for r in _homes(root)):
         raise ConversionError(f"{root / INDEX_NAME}: shard {name!r} resolves outside the "
                               f"checkpoint folder ({real})")
     return path
+
+
+def _homes(root: Path) -> list[Path]:
+    """Where a checkpoint's shards may really live: the folder itself, and for a snapshot of
+    the Hugging Face cache (``models--org--name/snapshots/REV``, whose files are symlinks to
+    ``../../blobs/SHA``) that repository's blob store."""
+    homes = [root.resolve()]
+    blobs = root.parent.parent / "blobs"
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--") \
+            and blobs.is_dir():
+        homes.append(blobs.resolve())
+    return homes
+
+
+def _unindexed(root: Path) -> list[Path]:
+    """The ``*.safetensors`` files of a folder without an index; links must stay inside it."""
+    paths = sorted(root.glob("*.safetensors"))
+    homes = _homes(root)
+    for path in paths:
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue  # a loop or a dangling link: read_header reports it
+        if not any(h in real.parents for h in homes):
+            raise ConversionError(f"{path}: a link to {real}, outside the checkpoint folder")
+    return paths
 
 
 def open_checkpoint(root: Path) -> Checkpoint:
@@ -196,11 +236,19 @@ def open_checkpoint(root: Path) -> Checkpoint:
         index_meta = index.get("metadata") or {}
         names = sorted({str(v) for v in weight_map.values()})
         paths = [_inside(root, name) for name in names]
+        seen: dict[Path, str] = {}
+        for name, path in zip(names, paths, strict=True):
+            real = path.resolve()
+            if real in seen:
+                raise ConversionError(
+                    f"{index_path}: shard {path.name} is listed under two names "
+                    f"({seen[real]!r} and {name!r})")
+            seen[real] = name
         missing = [p.name for p in paths if not p.exists()]
         if missing:
             raise ConversionError(f"{index_path}: shard(s) missing: {', '.join(missing)}")
     else:
-        paths = sorted(root.glob("*.safetensors"))
+        paths = _unindexed(root)
         weight_map = None
         if not paths:
             raise ConversionError(f"{root}: no *.safetensors files")
