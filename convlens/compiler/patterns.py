@@ -14,6 +14,7 @@ result is deterministic. Captures never cross a dot unless written ``{name*}``; 
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import re
 from typing import Any, NamedTuple
@@ -41,25 +42,51 @@ class CompiledPattern:
         self.text = pattern.text
         self.span = pattern.span
         self.captures: dict[str, Capture] = pattern.captures()
-        body = r"\.".join(_segment_regex(s) for s in pattern.segments)
-        self.regex = re.compile("^" + body + _TAIL)
+        self._regex: re.Pattern[str] | None = None  # compiled on first use (~1 ms each)
         literals = [p.text for seg in pattern.segments for p in seg if isinstance(p, Literal)]
         # A literal that every matching key contains: a cheap test before the regex.
         self.needle = max(literals, key=len) if literals else ""
         self.min_segments = len(pattern.segments)
         self.ints = tuple(n for n, c in self.captures.items() if c.kind == "int")
+        # Several {x*} captures make the regex backtrack in O(n^k) on a key of n segments that
+        # fails late; such patterns are matched segment by segment with memoized failures.
+        self._pieces = _pieces(pattern) if sum(
+            1 for c in self.captures.values() if c.kind == "many") > 1 else None
         # str.format template: literals cannot hold braces (the scanner refuses them)
         self._template = ".".join(
             "".join(p.text if isinstance(p, Literal) else "{" + p.name + "}" for p in seg)
             for seg in pattern.segments)
 
+    @property
+    def regex(self) -> re.Pattern[str]:
+        if self._regex is None:
+            body = r"\.".join(_segment_regex(s) for s in self.source.segments)
+            self._regex = re.compile("^" + body + _TAIL)
+        return self._regex
+
     def match(self, key: str) -> Match | None:
         if self.needle and self.needle not in key:
             return None
+        if self._pieces is not None:
+            found = _match_pieces(self._pieces, key)
+            if found is None:
+                return None
+            spans, end = found
+            return Match({n: key[a:b] for n, (a, b) in spans.items()}, key[:end], key[end:])
         m = self.regex.match(key)
         if m is None:
             return None
         return Match(captures=m.groupdict(), stem=key[: m.end()], tail=key[m.end():])
+
+    def spans(self, key: str) -> dict[str, tuple[int, int]]:
+        """Where each capture sits in ``key`` (which must match)."""
+        if self._pieces is not None:
+            found = _match_pieces(self._pieces, key)
+            assert found is not None
+            return found[0]
+        m = self.regex.match(key)
+        assert m is not None
+        return {name: m.span(name) for name in self.captures}
 
     def format(self, captures: dict[str, str]) -> str:
         return self._template.format_map(captures)
@@ -69,6 +96,68 @@ class CompiledPattern:
 
     def __repr__(self) -> str:
         return f"CompiledPattern({self.text!r})"
+
+
+# A pattern as pieces: a {name*} segment, or one segment's regex (the last one followed by an
+# optional suffix role, as _TAIL allows).
+_Piece = tuple[str, Any]
+
+
+def _pieces(pattern: Pattern) -> list[_Piece] | None:
+    """Pieces of a pattern whose {x*} captures are whole segments, else None (regex only)."""
+    out: list[_Piece] = []
+    last = len(pattern.segments) - 1
+    for i, seg in enumerate(pattern.segments):
+        if len(seg) == 1 and isinstance(seg[0], Capture) and seg[0].kind == "many":
+            out.append(("many", seg[0].name))
+        elif any(isinstance(p, Capture) and p.kind == "many" for p in seg):
+            return None
+        elif i == last:
+            out.append(("seg", re.compile(_segment_regex(seg) + rf"(?=$|_(?:{_ROLE_ALT})$)")))
+        else:
+            out.append(("seg", re.compile(_segment_regex(seg) + "$")))
+    return out
+
+
+def _match_pieces(pieces: list[_Piece], key: str
+                  ) -> tuple[dict[str, tuple[int, int]], int] | None:
+    """The match the regex would find (leftmost, each {x*} as short as possible), in
+    O(pieces x segments^2): a failure at (piece, segment) is remembered, not retried."""
+    segs = key.split(".")
+    starts = [0]
+    for s in segs[:-1]:
+        starts.append(starts[-1] + len(s) + 1)
+    failed: set[tuple[int, int]] = set()
+    spans: dict[str, tuple[int, int]] = {}
+
+    def go(i: int, j: int) -> int | None:  # returns the stem's end in ``key``
+        if j >= len(segs) or (i, j) in failed:
+            return None
+        kind, what = pieces[i]
+        last = i == len(pieces) - 1
+        if kind == "many":
+            for k in range(j, len(segs)):  # the capture covers segments j..k
+                if last:
+                    end: int | None = starts[k] + len(segs[k])
+                else:
+                    end = go(i + 1, k + 1)
+                if end is not None:
+                    spans[what] = (starts[j], starts[k] + len(segs[k]))
+                    return end
+        else:
+            m = what.match(segs[j])
+            if m is not None:
+                end = starts[j] + m.end() if last else go(i + 1, j + 1)
+                if end is not None:
+                    for name, (a, b) in zip(m.groupdict(), (m.span(g) for g in m.groupdict()),
+                                            strict=True):
+                        spans[name] = (starts[j] + a, starts[j] + b)
+                    return end
+        failed.add((i, j))
+        return None
+
+    end = go(0, 0)
+    return None if end is None else (spans, end)
 
 
 def _segment_regex(seg: Segment) -> str:
@@ -114,9 +203,11 @@ def _at(pattern: Pattern, cap: Capture) -> Span:
 
 
 def compile_guard_values(values: tuple[str, ...]) -> re.Pattern[str]:
-    """Guard values are globs: ``*`` matches any text."""
-    alts = ["".join(".*" if c == "*" else re.escape(c) for c in v) for v in values]
-    return re.compile("^(?:" + "|".join(alts) + ")$")
+    """Guard values are globs: ``*`` matches any text (and nothing else is special).
+    ``fnmatch.translate`` writes stars so that they never backtrack into each other, which
+    keeps ``*a*a*a*b`` linear on long captures."""
+    alts = [fnmatch.translate(v.replace("[", "[[]").replace("?", "[?]")) for v in values]
+    return re.compile("(?:" + "|".join(alts) + ")")
 
 
 # --- overlap of two patterns (static checks) --------------------------------------------------
@@ -233,11 +324,10 @@ class KeyMatcher:
         starts = [0]
         starts += [i + 1 for i, ch in enumerate(key) if ch == "."]
         ends = [b - 1 for b in starts[1:]] + [len(key)]
-        full = self.patterns[j].regex.match(key)
-        assert full is not None
+        spans = self.patterns[j].spans(key)
         caps: dict[str, tuple[int, int, str]] = {}
         for name in self.patterns[j].captures:
-            a, b = full.span(name)
+            a, b = spans[name]
             if a in starts and b in ends:
                 caps[name] = (starts.index(a), ends.index(b) + 1, "")
             else:

@@ -518,8 +518,10 @@ def check_order(rules: list[Rule]) -> list[ConvlensError]:
     """Rules whose results depend on their order: an earlier rule takes stems that a later rule
     also matches, and its output no longer matches the later rule (the later rule is shadowed)."""
     errors: list[ConvlensError] = []
+    near = _neighbours(rules)
     for i, a in enumerate(rules):
-        for b in rules[i + 1:]:
+        for j in sorted(near[i]):
+            b = rules[j]
             for pa in a.src.patterns:
                 for pb in b.src.patterns:
                     if not stems_overlap(pa.source, pb.source):
@@ -534,6 +536,75 @@ def check_order(rules: list[Rule]) -> list[ConvlensError]:
                         "on the order of the two rules", span=pb.span,
                         hint="make the patterns disjoint, or add a guard"))
     return errors
+
+
+def _literal_run(pattern: ast.Pattern, reverse: bool) -> tuple[str, ...]:
+    """The pattern's leading (or trailing) segments that are plain text."""
+    segs = reversed(pattern.segments) if reverse else iter(pattern.segments)
+    out = []
+    for seg in segs:
+        if not all(isinstance(p, ast.Literal) for p in seg):
+            break
+        out.append("".join(p.text for p in seg if isinstance(p, ast.Literal)))
+    return tuple(out)
+
+
+class _Trie:
+    """Rules by a run of plain segments: those whose run is a prefix of a given run, or
+    extends it, are the only ones that can agree with it."""
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+        self.kids: dict[str, _Trie] = {}
+
+    def add(self, run: tuple[str, ...], i: int) -> None:
+        node = self
+        for word in run:
+            node = node.kids.setdefault(word, _Trie())
+        node.ids.add(i)
+
+    def agreeing(self, run: tuple[str, ...]) -> set[int]:
+        found: set[int] = set()
+        node = self
+        for word in run:
+            found |= node.ids
+            nxt = node.kids.get(word)
+            if nxt is None:
+                return found
+            node = nxt
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            found |= n.ids
+            stack.extend(n.kids.values())
+        return found
+
+
+def _neighbours(rules: list[Rule]) -> list[set[int]]:
+    """For each rule, the later rules whose source patterns might overlap its own: two stems
+    can only meet if their leading plain segments agree as far as both have them, and so do
+    their trailing ones. Keeps the pairwise check near-linear on large generated files."""
+    runs = [[(_literal_run(p.source, False), _literal_run(p.source, True))
+             for p in r.src.patterns] for r in rules]
+    heads, tails = _Trie(), _Trie()
+    for i, pats in enumerate(runs):
+        for head, tail in pats:
+            heads.add(head, i)  # an empty run sits at the root: it agrees with every run
+            tails.add(tail, i)
+
+    def agree(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
+        n = min(len(x), len(y))
+        return x[:n] == y[:n]
+
+    out: list[set[int]] = []
+    for i, pats in enumerate(runs):
+        found: set[int] = set()
+        for head, tail in pats:
+            candidates = heads.agreeing(head) if head else tails.agreeing(tail)
+            found |= {j for j in candidates if j > i and any(
+                agree(head, h) and agree(tail, t) for h, t in runs[j])}
+        out.append(found)
+    return out
 
 
 def compile_file(path: str | Path, load_include: Loader | None = None) -> Program:

@@ -215,8 +215,6 @@ def deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-@pytest.mark.xfail(strict=True, reason="compiler/patterns.py: {x*} captures are lazy regex "
-                   "groups, so k of them backtrack in O(n^k) on a key of n segments")
 def test_a_backtracking_pattern_matches_long_keys_in_linear_time() -> None:
     import torch
 
@@ -230,8 +228,6 @@ def test_a_backtracking_pattern_matches_long_keys_in_linear_time() -> None:
     assert list(out) == [key]
 
 
-@pytest.mark.xfail(strict=True, reason="compiler/patterns.py compile_guard_values: a glob with "
-                   "k stars becomes '.*a.*a...', O(n^k) on a capture of n characters")
 def test_a_backtracking_guard_glob_matches_long_captures_in_linear_time() -> None:
     import torch
 
@@ -245,9 +241,6 @@ def test_a_backtracking_guard_glob_matches_long_captures_in_linear_time() -> Non
     assert list(out) == [key]
 
 
-@pytest.mark.xfail(strict=True, reason="compiler/program.py check_order compares every pair of "
-                   "rules (stems_overlap, ~15 us each) and every pattern compiles a fresh regex: "
-                   "1000 rules take 7 s, 4000 take 114 s")
 def test_compiling_many_rules_is_not_quadratic() -> None:
     from convlens.api import compile_text
 
