@@ -8,6 +8,7 @@
     convlens apply|revert [--rules R] SRC DST       convert a checkpoint folder on disk
     convlens verify SRC DST             recompute DST from SRC and compare byte for byte
     convlens rules | schemes            the shipped conversions and quantization formats
+    convlens import-transformers NAME [--all] [-o DIR]   .conv text from transformers' mapping
 
 Exit codes: 0 ok, 1 rule or conversion error, 2 usage. Errors print ``file:line:col``, the source
 line and a caret, without a traceback unless ``-v``.
@@ -201,6 +202,28 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_transformers(args: argparse.Namespace) -> int:
+    from convlens.importer import import_all, import_transformers, summary
+
+    if args.all == (args.name is not None):
+        args.parser.error("import-transformers: give a MODEL_TYPE_OR_CLASS or --all")
+    results = import_all() if args.all else {args.name: import_transformers(args.name)}
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for name, result in results.items():
+        if out is not None:
+            (out / f"{name}.conv").write_text(result.text, encoding="utf-8")
+        elif not args.all:
+            sys.stdout.write(result.text)
+        if not args.all:
+            for u in result.untranslatable:
+                print(f"untranslated: {u.item}: {u.reason}", file=sys.stderr)
+    if args.all:
+        print(summary(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convlens", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
@@ -272,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", help="the conversion (default: the destination's provenance)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("import-transformers", help="write .conv text from transformers' "
+                       "conversion mapping (what cannot be translated is reported)")
+    p.add_argument("name", nargs="?", metavar="MODEL_TYPE_OR_CLASS")
+    p.add_argument("--all", action="store_true", help="every key of the mapping")
+    p.add_argument("-o", "--output", metavar="DIR", help="write NAME.conv files here")
+    p.set_defaults(func=cmd_import_transformers, parser=p)
 
     p = sub.add_parser("rules", help="list the shipped conversions")
     p.set_defaults(func=cmd_rules)
