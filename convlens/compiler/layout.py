@@ -193,9 +193,12 @@ class Scheme:
         return self.name != "plain"
 
     def hint_score(self, hints: frozenset[str]) -> int:
-        """How many of this scheme's detection entries (``key=value``) the config matches."""
+        """How many of this scheme's detection entries (``key=value``) the config matches.
+        Values compare without case: ModelOpt writes ``quant_algo`` both ways (``FP8_PB_WO`` in
+        its docs, ``fp8_pb_wo`` in the 0.47 exports)."""
+        low = {h.lower() for h in hints}
         return sum(1 for key, values in self.detects.items()
-                   if any(f"{key}={v}" in hints for v in values))
+                   if any(f"{key}={v}".lower() in low for v in values))
 
 
 PLAIN = Scheme(

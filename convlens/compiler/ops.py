@@ -967,9 +967,17 @@ def _lift_concat(op: Concat, parts: list[RoleValue], axis: str, ctx: OpContext, 
                  widths: list[int]) -> list[RoleValue]:
     pos, ax = _pos(parts[0], axis)
     _refuse_index(op, parts[0], axis, ctx)
+    if _one_block(ax, widths):
+        # every part and the result fit in one block (FP8 2-D block scales of 64-row gate and
+        # up): the fused block's one scale is the parts' scale, which must then be the same
+        return _keep_one(op, parts, axis, ctx)
     if ax.kind != "plain":
         _aligned(ctx, op, parts[0], ax, widths, str(op.dim))
     return [parts[0].with_node(n_cat([p.node for p in parts], pos, ctx.origin))]
+
+
+def _one_block(ax: AxisSpec, widths: list[int]) -> bool:
+    return ax.kind == "blocked" and len(widths) > 1 and sum(widths) <= ax.factor
 
 
 def _lift_split(op: Split, parts: list[RoleValue], axis: str, ctx: OpContext, *,
@@ -977,6 +985,8 @@ def _lift_split(op: Split, parts: list[RoleValue], axis: str, ctx: OpContext, *,
     rv = parts[0]
     pos, ax = _pos(rv, axis)
     _refuse_index(op, rv, axis, ctx)
+    if _one_block(ax, widths):  # one block holds every part: each part keeps its scale
+        return [rv] * len(widths)
     if ax.kind != "plain":
         _aligned(ctx, op, rv, ax, widths, str(op.dim))
     out, start = [], 0

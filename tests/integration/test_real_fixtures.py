@@ -226,7 +226,7 @@ EXPECTED_SCHEMES: dict[tuple[str, str], set[str]] = {
     ("llmcompressor", "w8a16"): {"ct_int8"},
     ("llmcompressor", "nvfp4a16"): {"ct_nvfp4"},
     ("llmcompressor", "nvfp4"): {"ct_nvfp4"},
-    ("llmcompressor", "mxfp4a16"): {"modelopt_mxfp4"},  # README: "also compressed-tensors"
+    ("llmcompressor", "mxfp4a16"): {"ct_mxfp4"},
     ("llmcompressor", "fp8"): {"ct_fp8"},
     ("llmcompressor", "fp8_kv"): {"ct_fp8"},
 }
@@ -239,17 +239,7 @@ PRODUCER_QUIRKS = {
     "modelopt/mxfp4-gpt_oss": ("experts.gate_up_proj", "experts.down_proj"),
 }
 
-XFAIL_DETECT = {
-    "llmcompressor/mxfp4a16-*": pytest.mark.xfail(strict=True, reason=(
-        "convlens: no scheme for compressed-tensors mxfp4-pack-quantized: weight_packed U8 "
-        "[out, in/2] + weight_scale U8 (E8M0) [out, in/32]; modelopt_mxfp4 names its payload "
-        "'weight' (detect: 'modelopt_mxfp4 has no role weight_packed')")),
-    "modelopt/fp8_pb_wo-*": pytest.mark.xfail(strict=True, reason=(
-        "convlens: ModelOpt writes quant_algo 'fp8_pb_wo' in lower case (config.json and "
-        "hf_quant_config.json); modelopt_fp8_block only lists FP8_PB_WO, so the hint misses and "
-        "the single-block 0-d weight_scale of q/k/v/o (and [E] stacked ones in memory) are "
-        "detected as ct_fp8 (per-tensor) instead of modelopt_fp8_block")),
-}
+XFAIL_DETECT: dict[str, Any] = {}  # known convlens detection failures (none now)
 
 
 @pytest.mark.parametrize("fid", params(FIXTURES, XFAIL_DETECT))
@@ -314,29 +304,14 @@ REFUSED = {
     "modelopt/mixed-llama": "differ",
     "llmcompressor/fp8-llama": "differ",
     "llmcompressor/fp8_kv-llama": "differ",
+    # each expert's gate and up calibrated apart: their per-tensor weight scales differ
+    "llmcompressor/fp8-qwen3_moe": "differ",
     # k/v have 64 rows: a fused qkv would put k inside q's 128-row FP8 block
     "llmcompressor/fp8_block-llama": "not a multiple of 128",
     "modelopt/fp8_pb_wo-llama": "not a multiple of 128",
 }
 
-XFAIL_CONVERT = {
-    "llmcompressor/mxfp4a16-*": XFAIL_DETECT["llmcompressor/mxfp4a16-*"],
-    "modelopt/fp8_pb_wo-llama": pytest.mark.xfail(strict=True, reason=(
-        "convlens: with ModelOpt's lower-case quant_algo 'fp8_pb_wo' the 0-d single-block "
-        "scales of q/k/v are taken as per-tensor (ct_fp8), so q (128 rows) + k, v (64 rows "
-        "each) fuse into qkv_proj [256, 128] with a 0-d weight_scale; with the hint matched "
-        "(quant_algo FP8_PB_WO) the same fusion is refused: 'concat(0) at out = 192: role "
-        "weight_scale stores one value per block of 128 out values'")),
-    "llmcompressor/fp8-qwen3_moe": pytest.mark.xfail(strict=True, reason=(
-        "convlens: llm-compressor calibrates every (linearized) expert with its own input "
-        "observer, so static FP8 MoE exports carry per-expert input_scale that differ "
-        "(experts.0.down_proj.input_scale 0.00470 vs experts.1 0.00507); ct_fp8 marks "
-        "input_scale 'shared', so stacking the experts is refused instead of keeping an [E] "
-        "vector (lossless), and the 'max' policy cannot be reverted bit for bit")),
-    "llmcompressor/nvfp4-qwen3_moe": pytest.mark.xfail(strict=True, reason=(
-        "convlens: as for fp8-qwen3_moe, per-expert input_global_scale differ (1272.0 vs "
-        "1184.0 on experts 0/1 down_proj) and ct_nvfp4 marks it 'shared': stacking refused")),
-}
+XFAIL_CONVERT: dict[str, Any] = {}  # known convlens conversion failures (none now)
 
 
 @pytest.mark.parametrize("fid", params(WITH_RULES, XFAIL_CONVERT))
@@ -492,8 +467,7 @@ def original_weight(f: Fixture, stem: str, sd: Mapping[str, torch.Tensor]) -> to
     return None
 
 
-@pytest.mark.parametrize("fid", params(FIXTURES, {
-    "llmcompressor/mxfp4a16-*": XFAIL_DETECT["llmcompressor/mxfp4a16-*"]}))
+@pytest.mark.parametrize("fid", params(FIXTURES, XFAIL_DETECT))
 def test_reference_dequantizers_reproduce_the_original_weights(fid: str) -> None:
     f = fixture(fid)
     bound = DEQUANT_BOUND[f.fmt]

@@ -220,6 +220,14 @@ def modelopt_mxfp4(flip: bool = False) -> Case:
     }, expected, wrong={"E8M0 bias 128": wrong_bias})
 
 
+def ct_mxfp4(flip: bool = False) -> Case:
+    """compressed-tensors mxfp4-pack-quantized: the same bytes under weight_packed."""
+    c = modelopt_mxfp4(flip)
+    return Case("ct_mxfp4", {"weight_packed": c.tensors["weight"],
+                             "weight_scale": c.tensors["weight_scale"]}, c.expected,
+                wrong=c.wrong)
+
+
 def modelopt_mxfp8() -> Case:
     OUT, IN = 3, 40
     wbytes = grid(OUT, IN, fp8_byte)
@@ -548,6 +556,7 @@ CASES: dict[str, tuple[str, Callable[..., Case], bool]] = {
     "modelopt_nvfp4 stacked [E]": ("modelopt_nvfp4", modelopt_nvfp4_stacked, True),
     "ct_nvfp4": ("ct_nvfp4", ct_nvfp4, True),
     "modelopt_mxfp4": ("modelopt_mxfp4", modelopt_mxfp4, True),
+    "ct_mxfp4": ("ct_mxfp4", ct_mxfp4, True),
     "gpt_oss_mxfp4 [E, out, in/32, 16]": ("gpt_oss_mxfp4", gpt_oss_mxfp4, True),
     "gpt_oss_mxfp4 [out, in/32, 16]": ("gpt_oss_mxfp4",
                                         lambda flip=False: gpt_oss_mxfp4(flip, stacked=False),
