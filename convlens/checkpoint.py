@@ -264,6 +264,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None, rules: str | Pat
         return report
     if dst is None:
         raise ConversionError("no destination folder given")
+    _check_memory(plan, workers)
     dst = Path(dst)
     _check_paths(root, dst)
     clean_stale(dst)
@@ -299,6 +300,23 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None, rules: str | Pat
         raise
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_memory(plan: P.Plan, workers: int) -> None:
+    """Refuse, before writing, a conversion whose largest computed output cannot fit in memory
+    (a clear error instead of an out-of-memory kill halfway)."""
+    from convlens.runtime import disk
+
+    need, key = disk.largest_computed(plan)
+    have = disk.available_memory()
+    if have is None or not need:
+        return
+    need *= max(1, min(workers, len(plan.outputs)))  # workers may compute at the same time
+    if need > have:
+        raise ConversionError(
+            f"{key} is computed in memory (not a byte copy) and needs about {need / 2**30:.1f} "
+            f"GiB with {workers} worker(s); {have / 2**30:.1f} GiB are available", key=key,
+            hint="free memory, or use --workers 1")
 
 
 def _version() -> str:

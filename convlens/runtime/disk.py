@@ -341,6 +341,32 @@ def _needs_torch(node: P.Node) -> bool:
     return False
 
 
+def largest_computed(plan: P.Plan) -> tuple[int, str]:
+    """The memory the largest torch-evaluated output needs (its inputs, once each, plus twice
+    its own size for intermediates and the result) and its key; byte-range outputs need none."""
+    best, where = 0, ""
+    for key, node in plan.outputs.items():
+        if not _needs_torch(node):
+            continue
+        inputs = {leaf.key: P.nbytes(leaf.shape, leaf.dtype) for leaf in P.leaves(node)}
+        need = sum(inputs.values()) + 2 * P.nbytes(node.shape, node.dtype)
+        if need > best:
+            best, where = need, key
+    return best, where
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def write_checkpoint(plan: P.Plan, ckpt: Checkpoint, folder: Path, shards: list[ShardPlan],
                      metadata: Mapping[str, str], *, workers: int = 1,
                      report: RunReport | None = None, quiet: bool = True,
