@@ -572,7 +572,8 @@ class Concat(Op):
                                f"{self.dim}, the rule says {want}")
         shape = first.shape[: self.dim] + (sum(widths),) + first.shape[self.dim + 1:]
         parts = _reconcile(parts, axis, ctx)
-        roles = {role: _lift(self, parts, role, axis, ctx, widths=widths)[0]
+        group = _group_size(first, axis)
+        roles = {role: _lift(self, parts, role, axis, ctx, widths=widths, group=group)[0]
                  for role in first.roles}
         value = _rebuild(first, first.axes, shape, roles, tuple(k for p in parts for k in p.keys))
         return [Stream("+".join(s.label for s in streams), (), {(): value})]
@@ -618,7 +619,9 @@ class Split(Op):
                                f"has {total}, not a multiple of {self.parts}", key=v.keys[0])
             widths = [total // self.parts] * self.parts
         axis = v.axes[self.dim]
-        per_role = {role: _lift(self, [v], role, axis, ctx, widths=widths) for role in v.roles}
+        group = _group_size(v, axis)
+        per_role = {role: _lift(self, [v], role, axis, ctx, widths=widths, group=group)
+                    for role in v.roles}
         out = []
         for i, w in enumerate(widths):
             shape = v.shape[: self.dim] + (w,) + v.shape[self.dim + 1:]
@@ -963,10 +966,43 @@ def _refuse_index(op: Op, rv: RoleValue, axis: str, ctx: OpContext) -> None:
                        role=rv.spec.name, key=rv.key)
 
 
+def _group_size(value: StemValue, axis: str) -> int | None:
+    """The block size along ``axis`` of the stem's blocked roles (GPTQ's group size), which an
+    index role's values count in."""
+    for rv in value.roles.values():
+        hit = rv.find(axis)
+        if hit is not None and hit[1].kind == "blocked":
+            return hit[1].factor
+    return None
+
+
+def _index_parts(op: Op, rv: RoleValue, axis: str, ctx: OpContext, widths: list[int],
+                 group: int | None) -> list[tuple[int, int, int]]:
+    """(start, first group, end group) of each part of an index role's axis; refused unless
+    every cut falls on a whole group, so that each part's groups are its own."""
+    if group is None:
+        _refuse_index(op, rv, axis, ctx)
+        raise AssertionError  # pragma: no cover - _refuse_index raised
+    out, start = [], 0
+    for w in widths:
+        if start % group:
+            raise ctx.fail(f"{op.name} at {axis} = {start}: role {rv.spec.name} numbers groups "
+                           f"of {group} {axis} values, and {start} is not a multiple of {group}",
+                           role=rv.spec.name, key=rv.key)
+        out.append((start, start // group, -(-(start + w) // group)))
+        start += w
+    return out
+
+
 def _lift_concat(op: Concat, parts: list[RoleValue], axis: str, ctx: OpContext, *,
-                 widths: list[int]) -> list[RoleValue]:
+                 widths: list[int], group: int | None = None) -> list[RoleValue]:
     pos, ax = _pos(parts[0], axis)
-    _refuse_index(op, parts[0], axis, ctx)
+    if parts[0].spec.index:  # GPTQ g_idx: each part's group numbers move up by the groups before
+        spans = _index_parts(op, parts[0], axis, ctx, widths, group)
+        shifted: list[P.Node] = [
+            P.Shift(p.node, first, 0, end - first, p.spec.name, p.node.shape, p.node.dtype,
+                    ctx.origin) for p, (_, first, end) in zip(parts, spans, strict=True)]
+        return [parts[0].with_node(n_cat(shifted, pos, ctx.origin))]
     if _one_block(ax, widths):
         # every part and the result fit in one block (FP8 2-D block scales of 64-row gate and
         # up): the fused block's one scale is the parts' scale, which must then be the same
@@ -981,10 +1017,17 @@ def _one_block(ax: AxisSpec, widths: list[int]) -> bool:
 
 
 def _lift_split(op: Split, parts: list[RoleValue], axis: str, ctx: OpContext, *,
-                widths: list[int]) -> list[RoleValue]:
+                widths: list[int], group: int | None = None) -> list[RoleValue]:
     rv = parts[0]
     pos, ax = _pos(rv, axis)
-    _refuse_index(op, rv, axis, ctx)
+    if rv.spec.index:  # GPTQ g_idx: each part keeps its slice, renumbered from its first group
+        spans = _index_parts(op, rv, axis, ctx, widths, group)
+        out_index = []
+        for (start, first, end), w in zip(spans, widths, strict=True):
+            piece = n_slice(rv.node, pos, start, start + w, 1, ctx.origin)
+            out_index.append(rv.with_node(P.Shift(piece, -first, first, end, rv.spec.name,
+                                                  piece.shape, piece.dtype, ctx.origin)))
+        return out_index
     if _one_block(ax, widths):  # one block holds every part: each part keeps its scale
         return [rv] * len(widths)
     if ax.kind != "plain":

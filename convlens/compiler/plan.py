@@ -208,12 +208,29 @@ class Rescale:
     origin: int
 
 
+@dataclass(frozen=True, slots=True)
+class Shift:
+    """Index values moved by ``delta`` (``arg + delta``), after checking every value of ``arg``
+    lies in ``[lo, hi)``: how GPTQ ``g_idx`` is sliced and renumbered when its axis is split or
+    joined. A value outside (act-order groups that straddle the cut) is an error."""
+
+    arg: Node
+    delta: int
+    lo: int
+    hi: int
+    role: str
+    shape: Shape
+    dtype: str
+    origin: int
+
+
 Node = (Load | Stack | Cat | Slice | Select | Permute | Reshape | Same | Take | Unpack | Pack
-        | Const | Verify | Reduce | Rescale)
+        | Const | Verify | Reduce | Rescale | Shift)
 NODE_TYPES: dict[str, type[Any]] = {
     "load": Load, "stack": Stack, "cat": Cat, "slice": Slice, "select": Select,
     "permute": Permute, "reshape": Reshape, "same": Same, "take": Take, "unpack": Unpack,
     "pack": Pack, "const": Const, "verify": Verify, "reduce": Reduce, "rescale": Rescale,
+    "shift": Shift,
 }
 LOSSY_NODES = (Reduce, Rescale)
 _NODE_NAMES = {cls: name for name, cls in NODE_TYPES.items()}
@@ -334,6 +351,8 @@ def format_node(node: Node, rules: list[RuleRef] | None = None) -> str:
         return f"const({list(node.values)})"
     elif isinstance(node, Reduce):
         extra = f", mode={node.mode}"
+    elif isinstance(node, Shift):
+        extra = f", {node.delta:+d}, in [{node.lo}, {node.hi})"
     return f"{name}({args}{extra})"
 
 

@@ -335,7 +335,7 @@ def _needs_torch(node: P.Node) -> bool:
     while stack:
         n = stack.pop()
         if isinstance(n, (P.Same, P.Verify, P.Reduce, P.Rescale, P.Const, P.Unpack, P.Pack,
-                          P.Take, P.Permute)):
+                          P.Take, P.Permute, P.Shift)):
             return True
         stack.extend(P.children(n))
     return False

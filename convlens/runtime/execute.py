@@ -227,7 +227,20 @@ _EVAL: dict[type, Callable[..., torch.Tensor]] = {
     P.Const: lambda n, ev, f: torch.tensor(n.values, dtype=TORCH_DTYPES[n.dtype]).reshape(
         n.shape),
     P.Verify: _verify,
+    P.Shift: lambda n, ev, f: _shift(n, ev, f),
 }
+
+
+def _shift(node: P.Shift, ev: Callable[[P.Node], torch.Tensor],
+           fail: Callable[[P.Node, str], ConversionError]) -> torch.Tensor:
+    x = ev(node.arg)
+    outside = (x < node.lo) | (x >= node.hi)
+    if bool(outside.any()):
+        i = int(outside.reshape(-1).nonzero()[0, 0])
+        raise fail(node, f"{node.role}[{i}] = {int(x.reshape(-1)[i])} points outside groups "
+                   f"{node.lo}..{node.hi - 1}, the groups of its part: its groups straddle the "
+                   "cut (act-order), so the part cannot be cut out")
+    return (x.to(torch.int64) + node.delta).to(x.dtype)
 
 
 def _slice(t: torch.Tensor, n: P.Slice) -> torch.Tensor:
