@@ -145,6 +145,15 @@ class Conversion:
         forward, backward = self._programs(direction)
         cfg = config_dict(config)
         result = plan(forward, metas, cfg, strict=strict, policies=frozenset(policies))
+        total = forward.catch_all()
+        if total is not None and result.passthrough:
+            shown = ", ".join(repr(k) for k in result.passthrough[:3])
+            raise ConversionError(
+                f"{self.name} converts checkpoints whose every key its rules match (the way back "
+                f"gives every key the form {total.src.patterns[0].text!r}), but "
+                f"{len(result.passthrough)} key(s) match no rule: {shown}"
+                + (" ..." if len(result.passthrough) > 3 else ""), key=result.passthrough[0],
+                rule=total.ref.label, span=total.span)
         if check:
             check_names(forward, backward, metas, result, cfg)
         return result

@@ -140,9 +140,11 @@ def generate_state_dict(program: Program, seed: int, scheme: Scheme = PLAIN
                                   f"earlier rules: {exc}") from exc
         for k, t in tensors.items():
             out.setdefault(k, t)
-    for i, key in enumerate(DISTRACTORS):
-        out[key] = make_tensor(TensorMeta((3,) if key.endswith("bias") else (3, 2), "F32"),
-                               4000 + i)
+    # a rename of every key (either way) leaves no key to pass through: no distractors
+    if program.catch_all() is None and program.inverse().catch_all() is None:
+        for i, key in enumerate(DISTRACTORS):
+            out[key] = make_tensor(TensorMeta((3,) if key.endswith("bias") else (3, 2), "F32"),
+                                   4000 + i)
     return out, config
 
 

@@ -769,13 +769,10 @@ def _rename_statements(t: Any, names_factory: Callable[[], _Names], scope: tuple
                 g = _behind_guard(pair, form)
                 if g is not None:
                     guards.append(g)
+                # a side that is one {x*} capture (PrefixChange at the root) is a rename of
+                # every key: the direction whose result it is then needs every key matched
+                # (Program.catch_all), which is what transformers' prefix change means
                 s, d = _full(form, pair.src), _full(form, pair.dst)
-                for side in (s, d):
-                    if _CAP.fullmatch(side):
-                        raise _Unsupported(
-                            f"a rename of every key ({s!r} -> {d!r}): convlens lets keys that no "
-                            "rule is written for pass through (convlens check, law 6), and the "
-                            "inverse would rename them too")
                 cap = pair.prefix_capture if pair.prefix_capture and pair.prefix_capture in s \
                     else None
                 statements.append(_Rename(s, d, guards, cap))

@@ -126,6 +126,22 @@ class Program:
         return replace(self, rules=tuple(r.inverse() for r in reversed(self.rules)),
                        direction="inverse" if self.direction == "forward" else "forward")
 
+    def catch_all(self) -> Rule | None:
+        """A rule whose result is any key at all (``rename "vision_model.{rest*}" ->
+        "{rest*}"``, transformers' PrefixChange): its inverse claims every key, so this
+        direction can only convert checkpoints whose every key some rule matches."""
+        for r in self.rules:
+            if r.kind == "rename" and not r.guards and _matches_anything(r.dst.patterns[0]):
+                return r
+        return None
+
+
+def _matches_anything(pattern: CompiledPattern) -> bool:
+    segs = pattern.source.segments
+    # "{x*}" or "{x}": the first segment of any key is a stem, the rest its leaves
+    return (len(segs) == 1 and len(segs[0]) == 1 and isinstance(segs[0][0], ast.Capture)
+            and segs[0][0].kind in ("many", "one"))
+
 
 # --- compilation --------------------------------------------------------------------------------
 
@@ -526,7 +542,7 @@ def check_order(rules: list[Rule]) -> list[ConvlensError]:
                 for pb in b.src.patterns:
                     if not stems_overlap(pa.source, pb.source):
                         continue
-                    if any(stems_overlap(qa.source, pb.source) for qa in a.dst.patterns):
+                    if any(stems_overlap(q, pb.source) for q in _results(a)):
                         continue  # a's result still reaches b: a chain, which is ordered on purpose
                     if a.guards or b.guards:
                         continue  # guards decide; the overlap may be excluded
@@ -536,6 +552,18 @@ def check_order(rules: list[Rule]) -> list[ConvlensError]:
                         "on the order of the two rules", span=pb.span,
                         hint="make the patterns disjoint, or add a guard"))
     return errors
+
+
+def _results(rule: Rule) -> list[ast.Pattern]:
+    """Stems a rule's output keys can show a later rule: its targets, and for a rename of
+    every key (a prefix removed: ``new.{s}`` -> ``{s}``), which keeps each key's leaves, any
+    stem at all (``{s}`` still reaches ``{p*}.attn_ln``)."""
+    out = [q.source for q in rule.dst.patterns]
+    if rule.kind == "rename" and not rule.guards and _matches_anything(rule.dst.patterns[0]):
+        more = ast.Capture("convlens_leaves", "many")
+        out += [ast.Pattern(q.text + ".{convlens_leaves*}", (*q.segments, (more,)), q.span)
+                for q in out]
+    return out
 
 
 def _literal_run(pattern: ast.Pattern, reverse: bool) -> tuple[str, ...]:
