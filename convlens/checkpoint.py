@@ -214,13 +214,15 @@ def _check_paths(src: Path, dst: Path) -> None:
 def convert_checkpoint(src: str | Path, dst: str | Path | None, rules: str | Path | None = None,
                        direction: Direction = "revert", *, strict: bool = False,
                        policies: Iterable[str] = (), max_shard_size: int | str = "5GB",
-                       workers: int = 1, force: bool = False, dry_run: bool = False,
+                       workers: int | None = None, force: bool = False, dry_run: bool = False,
                        quiet: bool = True, fsync: bool = False) -> ConvertReport:
     """Convert the checkpoint folder ``src`` into ``dst`` (``apply`` or ``revert``).
 
     Without ``rules`` the conversion is chosen from the source's provenance (a checkpoint that
     convlens wrote) or its ``config.json``. The whole plan is validated before any byte is
-    written; a plan that fails writes nothing. DST appears complete or not at all whatever
+    written; a plan that fails writes nothing. ``workers`` (default: the CPUs, at most 4)
+    write the shards, and runs of tensors within them, in parallel. DST appears complete or
+    not at all whatever
     happens to the process; ``fsync`` also flushes every file and the folder to disk before
     the rename, so that DST survives a power loss or an OS crash too (like ``cp`` + ``sync``).
     """
@@ -264,6 +266,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None, rules: str | Pat
         return report
     if dst is None:
         raise ConversionError("no destination folder given")
+    if workers is None:
+        workers = default_workers()
     _check_memory(plan, workers)
     dst = Path(dst)
     _check_paths(root, dst)
@@ -300,6 +304,15 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None, rules: str | Pat
         raise
     report.seconds = time.perf_counter() - started
     return report
+
+
+def default_workers() -> int:
+    """Parallel writers by default: the CPUs this process may use, at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
 
 def _check_memory(plan: P.Plan, workers: int) -> None:
@@ -419,7 +432,7 @@ class VerifyReport:
 
 
 def verify_checkpoint(src: str | Path, dst: str | Path, rules: str | Path | None = None,
-                      *, workers: int = 1) -> VerifyReport:
+                      *, workers: int | None = None) -> VerifyReport:
     """Check a converted checkpoint against its source without trusting the writer: the
     conversion is taken from the destination's provenance (or ``rules``), every output tensor is
     recomputed from the source and compared byte for byte, the key sets are accounted for, and
@@ -442,7 +455,8 @@ def verify_checkpoint(src: str | Path, dst: str | Path, rules: str | Path | None
     metas = {k: TensorMeta(e.shape, e.dtype) for s in src_ckpt.shards for k, e in s.entries.items()}
     policies = (provenance or {}).get("policies", [])
     plan = conversion.plan(metas, plan_config, direction=direction, policies=policies)
-    stats = verify_outputs(plan, src_ckpt, dst_ckpt, workers=workers)
+    stats = verify_outputs(plan, src_ckpt, dst_ckpt,
+                           workers=default_workers() if workers is None else workers)
     problems = []
     new_config, new_hf_quant, _ = _map_configs(plan, config, hf_quant)
     for name, want in (("config.json", new_config), ("hf_quant_config.json", new_hf_quant)):

@@ -17,7 +17,6 @@ line and a caret, without a traceback unless ``-v``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -278,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--strict", action="store_true", help="fail on keys no rule matches")
         p.add_argument("--max-shard-size", default="5GB", help="bytes, or with a unit "
                        "like transformers: 500MB, 5GB (default 5GB)")
-        p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                       help="shards written in parallel")
+        p.add_argument("--workers", type=int, default=None,
+                       help="parallel writers (default: the CPUs, at most 4)")
         p.add_argument("--lossy", help="allow lossy steps: a comma-separated list of max, "
                        "rescale, requantize")
         p.add_argument("--force", action="store_true", help="replace an existing DST")
@@ -293,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--rules", help="the conversion (default: the destination's provenance)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel readers (default: the CPUs, at most 4)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("import-transformers", help="write .conv text from transformers' "

@@ -14,6 +14,7 @@ first (every size is known from the plan) and then the bytes in order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import threading
@@ -244,71 +245,114 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _copy(reader: _Reader, out_fd: int, segs: list[Segment]) -> None:
+def _copy(reader: _Reader, out_fd: int, segs: list[Segment], at: int) -> None:
+    """Copy ``segs`` to ``out_fd`` from byte ``at`` on (explicit offsets: several writers fill
+    one file at once)."""
     for path, offset, length in segs:
         src = reader.fd(path)
         done = 0
         while done < length:
             want = min(length - done, COPY_CHUNK)
             try:
-                n = os.copy_file_range(src, out_fd, want, offset + done)
-            except OSError:
+                n = os.copy_file_range(src, out_fd, want, offset + done, at + done)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
                 n = 0
             if n <= 0:  # not supported here (or nothing copied): plain read and write
                 data = reader.read(path, offset + done, want)
-                view = memoryview(data)
-                while view:
-                    w = os.write(out_fd, view)
-                    view = view[w:]
+                _pwrite_all(out_fd, memoryview(data), at + done)
                 n = want
             done += n
+        at += length
+
+
+# copy_file_range is missing or refuses this pair of files: fall back to read + write (a full
+# disk or a read error is raised as it is)
+_NO_COPY_RANGE = frozenset({errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP,
+                            errno.EBADF})
+
+
+def _pwrite_all(fd: int, view: memoryview, at: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, at)
+        view = view[n:]
+        at += n
 
 
 WRITEBACK_EVERY = 256 << 20  # durable runs start the disk write-back of each 256 MiB written
 
 
-def _start_writeback(fd: int, upto: int) -> None:
-    """Ask the kernel to start writing ``[0, upto)`` of ``fd`` to disk now, without waiting
-    (Linux starts write-back for POSIX_FADV_DONTNEED on dirty pages), so that the final fsync
-    finds little left to do and the disk works while later bytes are copied."""
+def _start_writeback(fd: int, start: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes of ``fd`` from ``start`` to disk now,
+    without waiting (Linux starts write-back for POSIX_FADV_DONTNEED on dirty pages), so that
+    the final fsync finds little left to do and the disk works while later bytes are copied."""
     advise = getattr(os, "posix_fadvise", None)
     if advise is not None:
         with contextlib.suppress(OSError):  # advisory only
-            advise(fd, 0, upto, os.POSIX_FADV_DONTNEED)
+            advise(fd, start, length, os.POSIX_FADV_DONTNEED)
 
 
-def write_shard(shard: ShardPlan, plan: P.Plan, ckpt: Checkpoint, folder: Path,
-                metadata: Mapping[str, str], report: RunReport | None,
-                progress: Callable[[int], None], stats: WriteStats, lock: threading.Lock,
-                durable: bool = False) -> None:
+@dataclass
+class _Piece:
+    """A run of one shard's tensors, written by one worker at their offsets in the file."""
+
+    path: Path
+    keys: list[str]
+    start: int  # file offset of the first tensor
+    nbytes: int
+
+
+def start_shard(shard: ShardPlan, plan: P.Plan, folder: Path, metadata: Mapping[str, str],
+                pieces: int) -> list[_Piece]:
+    """Create a shard file with its header and final size; its tensors split into ``pieces``
+    contiguous runs of about equal bytes."""
     entries = []
     for key in shard.keys:
         n = plan.outputs[key]
         entries.append((key, n.dtype, n.shape, P.nbytes(n.shape, n.dtype)))
-    reader = _Reader()
     path = folder / shard.name
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    header = header_bytes(entries, metadata)
+    total = sum(e[3] for e in entries)
+    with path.open("wb", buffering=0) as f:
+        write_all(f, header)
+        f.truncate(len(header) + total)
+    out: list[_Piece] = []
+    at = done = 0
+    for key, _, _, nbytes in entries:
+        # a tensor goes to the run its first byte falls in: runs differ by one tensor at most
+        index = min(pieces - 1, done * pieces // total) if total else 0
+        if not out or (index > len(out) - 1 and out[-1].keys):
+            out.append(_Piece(path, [], len(header) + at, 0))
+        out[-1].keys.append(key)
+        out[-1].nbytes += nbytes
+        at += nbytes
+        done += nbytes
+    return out or [_Piece(path, [], len(header), 0)]
+
+
+def write_piece(piece: _Piece, plan: P.Plan, ckpt: Checkpoint, report: RunReport | None,
+                progress: Callable[[int], None], stats: WriteStats, lock: threading.Lock,
+                durable: bool = False) -> None:
+    reader = _Reader()
+    fd = os.open(piece.path, os.O_WRONLY)
     try:
-        with os.fdopen(os.dup(fd), "wb", buffering=0) as f:
-            write_all(f, header_bytes(entries, metadata))
-        written = os.lseek(fd, 0, os.SEEK_END)
-        kicked = 0
+        at = piece.start
+        kicked = at
         memo: dict[int, Any] = {}
-        for key, _, _, nbytes in entries:
+        for key in piece.keys:
             node = plan.outputs[key]
+            nbytes = P.nbytes(node.shape, node.dtype)
             segs = segments(node, ckpt, memo) if not _needs_torch(node) else None
             if segs is not None:
-                _copy(reader, fd, segs)
+                _copy(reader, fd, segs, at)
                 copied = True
             else:
                 data = _tensor_bytes(_compute(key, node, plan, ckpt, reader, report))
                 if len(data) != nbytes:  # pragma: no cover - the planner fixed the size
                     raise ConversionError(f"{key}: computed {len(data)} bytes, planned {nbytes}",
                                           key=key)
-                view = data
-                while view:
-                    w = os.write(fd, view)
-                    view = view[w:]
+                _pwrite_all(fd, data, at)
                 copied = False
             with lock:
                 stats.tensors += 1
@@ -318,12 +362,10 @@ def write_shard(shard: ShardPlan, plan: P.Plan, ckpt: Checkpoint, folder: Path,
                 else:
                     stats.computed_tensors += 1
             progress(nbytes)
-            written += nbytes
-            if durable and written - kicked >= WRITEBACK_EVERY:
-                _start_writeback(fd, written)
-                kicked = written
-        if durable:
-            os.fsync(fd)
+            at += nbytes
+            if durable and at - kicked >= WRITEBACK_EVERY:
+                _start_writeback(fd, kicked, at - kicked)
+                kicked = at
     finally:
         os.close(fd)
         reader.close()
@@ -387,16 +429,26 @@ def write_checkpoint(plan: P.Plan, ckpt: Checkpoint, folder: Path, shards: list[
 
     start = time.perf_counter()
     try:
-        if workers <= 1 or len(shards) == 1:
-            for shard in shards:
-                write_shard(shard, plan, ckpt, folder, metadata, report, progress, stats, lock,
-                            durable)
+        # each shard in runs of tensors, so that workers share a shard when there are few
+        per_shard = max(1, -(-workers // max(1, len(shards)))) if workers > 1 else 1
+        pieces = [p for shard in shards
+                  for p in start_shard(shard, plan, folder, metadata, per_shard)]
+        if workers <= 1 or len(pieces) == 1:
+            for piece in pieces:
+                write_piece(piece, plan, ckpt, report, progress, stats, lock, durable)
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(write_shard, shard, plan, ckpt, folder, metadata, report,
-                                       progress, stats, lock, durable) for shard in shards]
+                futures = [pool.submit(write_piece, piece, plan, ckpt, report, progress, stats,
+                                       lock, durable) for piece in pieces]
                 for fut in futures:
                     fut.result()
+        if durable:
+            for shard in shards:
+                fd = os.open(folder / shard.name, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - start

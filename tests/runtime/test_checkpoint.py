@@ -552,17 +552,18 @@ def test_keyboard_interrupt_in_process_removes_the_temporary_folder(
 
     hub, _ = model("bf16")
     src = write_ckpt(tmp_path / "hub", hub, "hub", "bf16")
-    real = disk.write_shard
+    real = disk.write_piece
     written: list[Path] = []
 
-    def interrupted(shard: Any, plan: Any, ckpt: Any, folder: Path, *args: Any) -> None:
-        real(shard, plan, ckpt, folder, *args)
-        written.append(folder / shard.name)
+    def interrupted(piece: Any, *args: Any) -> None:
+        real(piece, *args)
+        written.append(piece.path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(disk, "write_shard", interrupted)
+    monkeypatch.setattr(disk, "write_piece", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        convert_checkpoint(src, tmp_path / "dst", direction="apply", max_shard_size="20KB")
+        convert_checkpoint(src, tmp_path / "dst", direction="apply", max_shard_size="20KB",
+                           workers=1)
     assert len(written) == 1 and ".convlens-tmp-" in written[0].parent.name
     assert not written[0].parent.exists()
     assert not (tmp_path / "dst").exists()

@@ -54,7 +54,8 @@ def test_fsync_flushes_every_file_and_folder(tmp_path: Path, monkeypatch: pytest
     kicked: list[Any] = []
     monkeypatch.setattr(disk, "WRITEBACK_EVERY", 1)  # start write-back after every tensor
     real = disk._start_writeback
-    monkeypatch.setattr(disk, "_start_writeback", lambda fd, n: (kicked.append(n), real(fd, n)))
+    monkeypatch.setattr(disk, "_start_writeback",
+                        lambda fd, at, n: (kicked.append(n), real(fd, at, n)))
     src = _source(tmp_path / "src")
     assert main(["apply", str(src), str(tmp_path / "dst"), "--fsync", "-q",
                  "--max-shard-size", "600"]) == 0

@@ -1,7 +1,8 @@
 """Fault injection into checkpoint conversion (issue 7).
 
 A disk that fills up after N bytes (ENOSPC from every way convlens/runtime/disk.py writes: the
-header through ``write_all``, ``os.copy_file_range``, ``os.write``), a source whose Nth read
+header through ``write_all``, ``os.copy_file_range``, ``os.write``, ``os.pwrite``), a source
+whose Nth read
 fails (EIO from ``os.preadv`` and from ``os.copy_file_range``), and a process killed with
 SIGKILL in the middle of a run. After each: the source is byte-identical (every file hashed),
 the destination is absent (or, with ``force=True``, the previous one is intact), the temporary
@@ -77,6 +78,10 @@ class FaultyOS:
     def write(self, fd: int, data: Any) -> int:
         n = self._spend(len(data), "os.write")
         return os.write(fd, memoryview(data)[:n])
+
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        n = self._spend(len(data), "os.pwrite")
+        return os.pwrite(fd, memoryview(data)[:n], offset)
 
     def copy_file_range(self, src: int, dst: int, count: int, offset_src: int | None = None,
                         *args: Any) -> int:
