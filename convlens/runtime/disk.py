@@ -7,8 +7,9 @@ copied with ``os.copy_file_range`` (in the kernel, no tensor is built). The rest
 packing, checks, lossy steps) are evaluated with torch on just the inputs of that output.
 Memory stays bounded by the largest such group, not the checkpoint.
 
-Shards are planned with huggingface_hub's shard splitter and written in parallel, each header
-first (every size is known from the plan) and then the bytes in order.
+Shards are planned with huggingface_hub's shard splitter. Each is created with its header and
+final size (every size is known from the plan); its tensors are cut into runs of about equal
+bytes, which worker threads write at their offsets.
 """
 
 from __future__ import annotations
