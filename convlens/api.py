@@ -55,7 +55,7 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1024)  # every shipped file (dozens) plus the user's
 def _compile_path(path: str, mtime: float, display: str) -> Program:
     p = Path(path)
     return compile_conversion(parse_file(p, display), _include_loader(p.parent))

@@ -98,8 +98,27 @@ def _configs(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 def select_rules(config: Mapping[str, Any]) -> tuple[Conversion, str]:
     """The shipped conversion for a config.json: by class name (``architectures``) first, then
-    by ``model_type``, then the same for nested sub-model configs, as transformers looks up its
-    mappings."""
+    by ``model_type``, as transformers looks up its mappings. A file that serves only a nested
+    sub-model (``text_config``) is not chosen for the composite, whose keys sit under other
+    prefixes: the error names it, for ``--rules`` if converting that sub-model is meant."""
+    by_arch, by_type = _served()
+    for arch in config.get("architectures") or ():
+        if arch in by_arch:
+            return load_rules(by_arch[arch]), f"architecture {arch}"
+    mt = config.get("model_type")
+    if isinstance(mt, str) and mt in by_type:
+        return load_rules(by_type[mt]), f"model_type {mt}"
+    archs = ", ".join(config.get("architectures") or []) or "none"
+    subs = [f"{sub.get('model_type')} (served by {by_type[sub['model_type']]})"
+            for sub in _configs(config)[1:]
+            if isinstance(sub.get("model_type"), str) and sub["model_type"] in by_type]
+    raise ConversionError(
+        f"no shipped conversion serves this config (architectures: {archs}; model_type: "
+        f"{mt!r})" + (f"; its sub-model {', '.join(subs)} is converted on its own, not inside "
+                      "this model" if subs else "") + "; pass --rules NAME|FILE")
+
+
+def _served() -> tuple[dict[str, str], dict[str, str]]:
     by_arch: dict[str, str] = {}
     by_type: dict[str, str] = {}
     for name in sorted(shipped_rules()):
@@ -108,16 +127,7 @@ def select_rules(config: Mapping[str, Any]) -> tuple[Conversion, str]:
             by_arch.setdefault(a, name)
         for t in conv.model_types:
             by_type.setdefault(t, name)
-    for sub in _configs(config):
-        for arch in sub.get("architectures") or ():
-            if arch in by_arch:
-                return load_rules(by_arch[arch]), f"architecture {arch}"
-        mt = sub.get("model_type")
-        if isinstance(mt, str) and mt in by_type:
-            return load_rules(by_type[mt]), f"model_type {mt}"
-    archs = ", ".join(config.get("architectures") or []) or "none"
-    raise ConversionError(f"no shipped conversion serves this config (architectures: {archs}; "
-                          f"model_type: {config.get('model_type')!r}); pass --rules NAME|FILE")
+    return by_arch, by_type
 
 
 # --- provenance ---------------------------------------------------------------------------------
