@@ -22,7 +22,7 @@ from convlens.errors import ConversionError, RuleError, Span
 # --- values flowing through a rule ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RoleValue:
     """One role of one stem: its plan node in canonical layout (one AxisSpec per dim)."""
 
@@ -47,18 +47,52 @@ class RoleValue:
         return "broadcast" if hit is None else hit[1].kind
 
     def with_node(self, node: P.Node, layout: tuple[AxisSpec, ...] | None = None) -> RoleValue:
-        # a plain constructor call: dataclasses.replace is slow on the 100k-expert hot path
-        return RoleValue(node, self.layout if layout is None else layout, self.spec, self.view,
-                         self.key)
+        # not dataclasses.replace (slow on the 100k-expert hot path): the slots set directly
+        return new_role_value(node, self.layout if layout is None else layout, self.spec,
+                              self.view, self.key)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StemValue:
     scheme: Scheme
     axes: tuple[str, ...]  # logical axes of the stem's weight
     shape: P.Shape  # logical shape
     roles: Mapping[str, RoleValue]
     keys: tuple[str, ...]  # input keys, for messages
+
+
+# Fast constructors (as in plan.py): the same objects as the dataclass constructors with every
+# field given, without the per-field object.__setattr__ of a frozen dataclass's __init__.
+_ROLE_SET = tuple(getattr(RoleValue, n).__set__ for n in RoleValue.__slots__)
+_STEM_SET = tuple(getattr(StemValue, n).__set__ for n in StemValue.__slots__)
+assert RoleValue.__slots__ == ("node", "layout", "spec", "view", "key")
+assert StemValue.__slots__ == ("scheme", "axes", "shape", "roles", "keys")
+
+
+def new_role_value(node: P.Node, layout: tuple[AxisSpec, ...], spec: RoleSpec, view: int | None,
+                   key: str) -> RoleValue:
+    """``RoleValue(node, layout, spec, view, key)``."""
+    rv = object.__new__(RoleValue)
+    a, b, c, d, e = _ROLE_SET
+    a(rv, node)
+    b(rv, layout)
+    c(rv, spec)
+    d(rv, view)
+    e(rv, key)
+    return rv
+
+
+def new_stem_value(scheme: Scheme, axes: tuple[str, ...], shape: P.Shape,
+                   roles: Mapping[str, RoleValue], keys: tuple[str, ...]) -> StemValue:
+    """``StemValue(scheme, axes, shape, roles, keys)``."""
+    sv = object.__new__(StemValue)
+    a, b, c, d, e = _STEM_SET
+    a(sv, scheme)
+    b(sv, axes)
+    c(sv, shape)
+    d(sv, roles)
+    e(sv, keys)
+    return sv
 
 
 @dataclass
@@ -140,7 +174,7 @@ def eval_expr(expr: ast.Expr, config: Mapping[str, Any], ctx: OpContext | None =
 
 def n_stack(args: list[P.Node], dim: int, origin: int) -> P.Node:
     s = args[0].shape
-    return P.Stack(tuple(args), dim, s[:dim] + (len(args),) + s[dim:], args[0].dtype, origin)
+    return P.new_stack(tuple(args), dim, s[:dim] + (len(args),) + s[dim:], args[0].dtype, origin)
 
 
 def n_cat(args: list[P.Node], dim: int, origin: int) -> P.Node:
@@ -162,7 +196,7 @@ def n_slice(arg: P.Node, dim: int, start: int, stop: int, step: int, origin: int
 
 def n_select(arg: P.Node, dim: int, index: int, origin: int) -> P.Node:
     s = arg.shape
-    return P.Select(arg, dim, index, s[:dim] + s[dim + 1:], arg.dtype, origin)
+    return P.new_select(arg, dim, index, s[:dim] + s[dim + 1:], arg.dtype, origin)
 
 
 def n_permute(arg: P.Node, dims: tuple[int, ...], origin: int) -> P.Node:
@@ -222,12 +256,15 @@ def n_pack(arg: P.Node, dim: int, ax: AxisSpec, dtype: str, origin: int) -> P.No
 
 
 def _roles_alike(ctx: OpContext, values: list[StemValue], what: str) -> None:
+    # The identity tests in front only skip comparisons of an object with itself, which are
+    # equal (stems of one signature share their scheme and layouts).
     first = values[0]
+    first_roles = set(first.roles)
     for v in values[1:]:
-        if set(v.roles) != set(first.roles):
+        if set(v.roles) != first_roles:
             raise ctx.fail(f"{what}: parts have different tensors: {sorted(first.roles)} "
                            f"({first.keys[0]}) vs {sorted(v.roles)} ({v.keys[0]})")
-        if v.scheme != first.scheme:
+        if v.scheme is not first.scheme and v.scheme != first.scheme:
             raise ctx.fail(f"{what}: parts have different schemes: {first.scheme.name} "
                            f"({first.keys[0]}) vs {v.scheme.name} ({v.keys[0]})")
         if v.axes != first.axes:
@@ -237,7 +274,7 @@ def _roles_alike(ctx: OpContext, values: list[StemValue], what: str) -> None:
             if rv.node.dtype != other.node.dtype:
                 raise ctx.fail(f"{what}: {role} dtypes differ: {other.node.dtype} "
                                f"vs {rv.node.dtype}", role=role, key=v.keys[0])
-            if rv.layout != other.layout:
+            if rv.layout is not other.layout and rv.layout != other.layout:
                 raise ctx.fail(f"{what}: {role} is stored differently in the parts: "
                                f"{_layout_text(other.layout)} vs {_layout_text(rv.layout)}",
                                role=role, key=rv.key)
@@ -259,7 +296,7 @@ def _lift(op: Op, parts: list[StemValue], role: str, axis: str, ctx: OpContext,
 
 def _rebuild(template: StemValue, axes: tuple[str, ...], shape: P.Shape,
              roles: dict[str, RoleValue], keys: tuple[str, ...]) -> StemValue:
-    return StemValue(template.scheme, axes, shape, roles, keys)
+    return new_stem_value(template.scheme, axes, shape, roles, keys)
 
 
 def _reorder(rv: RoleValue, logical: tuple[str, ...]) -> tuple[AxisSpec, ...]:
@@ -516,9 +553,13 @@ class Unstack(Op):
                 shape = v.shape[: self.dim] + v.shape[self.dim + 1:]
                 per_role = {role: _lift(self, [v], role, axis, ctx, count=count)
                             for role in v.roles}
-                for i in range(count):
-                    roles = {role: vals[i] for role, vals in per_role.items()}
-                    members[(*idx, i)] = _rebuild(v, axes, shape, roles, v.keys)
+                names = tuple(per_role)
+                # member i takes element i of every role's list (each has ``count``)
+                columns = zip(*per_role.values(), strict=True) if names else [()] * count
+                for i, column in enumerate(columns):
+                    members[(*idx, i)] = new_stem_value(v.scheme, axes, shape,
+                                                        dict(zip(names, column, strict=True)),
+                                                        v.keys)
             out.append(Stream(st.label, (*st.captures, self.capture), members))
         return out
 
@@ -939,7 +980,13 @@ def _lift_unstack(op: Unstack, parts: list[RoleValue], axis: str, ctx: OpContext
     rv = parts[0]
     pos, _ = _pos(rv, axis)
     layout = rv.layout[:pos] + rv.layout[pos + 1:]
-    return [rv.with_node(n_select(rv.node, pos, i, ctx.origin), layout) for i in range(count)]
+    # n_select and with_node, with what they compute once for all ``count`` indices
+    node, spec, view, key, origin = rv.node, rv.spec, rv.view, rv.key, ctx.origin
+    s = node.shape
+    shape, dtype = s[:pos] + s[pos + 1:], node.dtype
+    new_select = P.new_select
+    return [new_role_value(new_select(node, pos, i, shape, dtype, origin), layout, spec, view,
+                           key) for i in range(count)]
 
 
 def _duplicate(op: Op, parts: list[RoleValue], axis: str, ctx: OpContext, *,

@@ -233,6 +233,65 @@ NODE_TYPES: dict[str, type[Any]] = {
     "shift": Shift,
 }
 LOSSY_NODES = (Reduce, Rescale)
+
+
+# --- fast constructors for the hot node types ---------------------------------------------------
+# A frozen dataclass's generated __init__ sets each field through object.__setattr__, about twice
+# the cost of writing the slots directly; planning 300k keys builds a Load for every key and a
+# Select for every unstacked expert. These build the very same objects (same class, same field
+# values; equality, hashing, pickling and repr come from the class), for callers that pass every
+# field, in field order.
+
+_new = object.__new__
+
+
+def _setters(cls: type[Any]) -> tuple[Any, ...]:
+    return tuple(getattr(cls, name).__set__ for name in cls.__slots__)
+
+
+_LOAD_SET = _setters(Load)
+_SELECT_SET = _setters(Select)
+_STACK_SET = _setters(Stack)
+assert Load.__slots__ == ("key", "shape", "dtype", "origin")
+assert Select.__slots__ == ("arg", "dim", "index", "shape", "dtype", "origin")
+assert Stack.__slots__ == ("args", "dim", "shape", "dtype", "origin")
+
+
+def new_load(key: str, shape: Shape, dtype: str, origin: int = -1) -> Load:
+    """``Load(key, shape, dtype, origin)``."""
+    node = _new(Load)
+    k, s, d, o = _LOAD_SET
+    k(node, key)
+    s(node, shape)
+    d(node, dtype)
+    o(node, origin)
+    return node
+
+
+def new_select(arg: Node, dim: int, index: int, shape: Shape, dtype: str, origin: int
+               ) -> Select:
+    """``Select(arg, dim, index, shape, dtype, origin)``."""
+    node = _new(Select)
+    a, m, i, s, d, o = _SELECT_SET
+    a(node, arg)
+    m(node, dim)
+    i(node, index)
+    s(node, shape)
+    d(node, dtype)
+    o(node, origin)
+    return node
+
+
+def new_stack(args: tuple[Node, ...], dim: int, shape: Shape, dtype: str, origin: int) -> Stack:
+    """``Stack(args, dim, shape, dtype, origin)``."""
+    node = _new(Stack)
+    a, m, s, d, o = _STACK_SET
+    a(node, args)
+    m(node, dim)
+    s(node, shape)
+    d(node, dtype)
+    o(node, origin)
+    return node
 _NODE_NAMES = {cls: name for name, cls in NODE_TYPES.items()}
 
 

@@ -8,9 +8,12 @@ exactly one group, or passed through; a second writer of a key is a collision er
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import gc
+import operator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from convlens.compiler import ops as O
 from convlens.compiler import plan as P
@@ -36,6 +39,17 @@ class TensorMeta:
     dtype: str
 
 
+class HasMeta(Protocol):
+    """What ``plan`` reads of a tensor: a TensorMeta, or a plan node (the name check plans the
+    inverse on a plan's outputs directly)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+
 @dataclass
 class _Member:
     roles: dict[str, tuple[str, P.Node]] = field(default_factory=dict)  # role -> (key, node)
@@ -48,19 +62,44 @@ class _Group:
     parts: list[dict[tuple[int, ...], _Member]]  # per source pattern: stack index -> member
 
 
-def plan(program: Program, metas: Mapping[str, TensorMeta], config: Mapping[str, Any] | None = None,
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Planning allocates a few objects per key (300k keys: millions) and frees almost none, so
+    the cyclic collector, run every 700 allocations, keeps walking a heap that only grows: a
+    third of the planning time. Plan nodes and the values between them form no cycles, so
+    nothing is left for it to find; it is paused while planning and resumed (if it was on)
+    afterwards, collecting as usual from then on."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def plan(program: Program, metas: Mapping[str, HasMeta], config: Mapping[str, Any] | None = None,
          *, strict: bool = False, policies: frozenset[str] = frozenset()) -> P.Plan:
     """Plan ``program`` over tensors described by ``metas`` (key -> shape and dtype).
 
     ``policies``: lossy steps the user allows (``max``, ``rescale``, ``requantize``); without
     them, per-part scalars a fused tensor holds once must be bit-identical."""
+    with _gc_paused():
+        return _plan(program, metas, config, strict, policies)
+
+
+def _plan(program: Program, metas: Mapping[str, HasMeta], config: Mapping[str, Any] | None,
+          strict: bool, policies: frozenset[str]) -> P.Plan:
     unknown = set(policies) - set(O.POLICIES)
     if unknown:
         raise ConversionError(f"unknown lossy policy {sorted(unknown)[0]!r}; policies: "
                               + ", ".join(O.POLICIES))
     rules = list(program.rules)
     refs = [r.ref for r in rules]
-    state: dict[str, P.Node] = {k: P.Load(k, tuple(m.shape), m.dtype) for k, m in metas.items()}
+    new_load = P.new_load  # Load(k, shape, dtype), without the frozen __init__ (300k keys)
+    state: dict[str, P.Node] = {k: new_load(k, tuple(m.shape), m.dtype, -1)
+                                for k, m in metas.items()}
     initial = dict(state)
     touched: set[str] = set()
     counts: dict[int, int] = {}
@@ -180,50 +219,81 @@ def _tensor_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[
     patterns = rule.src.patterns
     naming = rule.src.naming
     guards = rule.guards
-    group_names = sorted(c for c in patterns[0].captures if c not in rule.stacked)
+    stacked = rule.stacked
+    group_names = sorted(c for c in patterns[0].captures if c not in stacked)
     groups: dict[tuple[str, ...], _Group] = {}
     order: list[tuple[str, Any]] = []  # ("key", key) | ("group", gid), in input order
-    matcher = KeyMatcher(patterns)
-    for key in state:
-        hit = matcher.match(key)
-        if hit is not None and not (owns(hit[1].tail, naming) and (
-                not guards or all(g.allows(hit[1].captures) for g in guards))):
-            hit = _later_pattern(patterns, hit[0], key, naming, guards)
+    match = KeyMatcher(patterns).match
+    # tuple(caps[c] for c in names), as one C call (itemgetter of one name gives no tuple)
+    gid_of = _getter(group_names)
+    idx_of = _getter(stacked)
+    # owns() and role_of() are pure functions of (tail, naming): computed once per tail
+    tails: dict[str, tuple[bool, str | None]] = {}
+    for key, node in state.items():
+        hit = match(key)
         if hit is None:
             order.append(("key", key))
             continue
         j, m = hit
-        role = role_of(m.tail, rule.src.naming)
+        info = tails.get(m.tail)
+        if info is None:
+            info = tails[m.tail] = (owns(m.tail, naming), role_of(m.tail, naming))
+        owned, role = info
+        if not (owned and (not guards or all(g.allows(m.captures) for g in guards))):
+            hit = _later_pattern(patterns, j, key, naming, guards)
+            if hit is None:
+                order.append(("key", key))
+                continue
+            j, m = hit
+            role = role_of(m.tail, naming)
         if role is None:
             raise ConversionError(
                 f"{key!r} matches {patterns[j].text!r} but is not a tensor of that stem under "
                 f"{rule.src.naming} naming", span=rule.span, rule=rule.ref.label, key=key,
                 hint="a leaf the rule cannot place; rename it away first or narrow the pattern")
         caps = m.captures
-        gid = tuple(caps[c] for c in group_names)
+        gid = gid_of(caps)
         group = groups.get(gid)
         if group is None:
             group = groups[gid] = _Group(dict(zip(group_names, gid, strict=True)), key,
                                          [{} for _ in patterns])
             order.append(("group", gid))
-        idx = tuple(int(caps[c]) for c in rule.stacked)
-        member = group.parts[j].setdefault(idx, _Member())
+        idx = tuple(map(int, idx_of(caps)))
+        part = group.parts[j]
+        member = part.get(idx)
+        if member is None:
+            member = part[idx] = _Member({})
         if role in member.roles:  # pragma: no cover - keys are unique and naming is injective
             raise ConversionError(f"{key!r}: role {role} seen twice", key=key, rule=rule.ref.label)
-        member.roles[role] = (key, state[key])
+        member.roles[role] = (key, node)
     out: dict[str, P.Node] = {}
     made = 0
     for kind, item in order:
         if kind == "key":
-            _put(out, item, state[item], rule)
+            if item in out:
+                _put(out, item, state[item], rule)  # raises: a second writer
+            out[item] = state[item]
             continue
         for key, node in _build_group(rule, index, groups[item], config, policies):
-            _put(out, key, node, rule)
-            _mark(touched, node)
+            if key in out:
+                _put(out, key, node, rule)  # raises: a second writer
+            out[key] = node
+            if isinstance(node, P.Load):  # _mark, inlined
+                touched.add(node.key)
             made += 1
     if made:
         counts[index] = counts.get(index, 0) + made
     return out
+
+
+def _getter(names: Any) -> Any:
+    """``lambda caps: tuple(caps[n] for n in names)``, fast."""
+    if not names:
+        return lambda caps: ()
+    if len(names) == 1:
+        name = names[0]
+        return lambda caps: (caps[name],)
+    return operator.itemgetter(*names)
 
 
 def _later_pattern(patterns: tuple[Any, ...], first: int, key: str, naming: Any,
@@ -251,6 +321,8 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
     checks: list[P.Node] = []
     meta_roles: set[str] = set()
     carried: list[dict[str, tuple[str, P.Node]]] = []  # per part: its companion roles
+    known = companion_roles()
+    seen_roles: set[tuple[str, ...]] = set()  # role tuples already in role_sets
     for j, part in enumerate(group.parts):
         pattern = rule.src.patterns[j]
         if not part:
@@ -259,15 +331,20 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
         members: dict[tuple[int, ...], O.StemValue] = {}
         carried.append({})
         for idx, member in sorted(part.items()):
-            member, extra = _companions(ctx, member)
+            member, extra = _companions(ctx, member, known)
             if extra and (idx or rule.stacked):
                 raise ctx.fail(f"{', '.join(extra)} belong(s) to one stem and cannot be stacked "
                                "with the experts", key=next(iter(extra.values()))[0])
-            carried[j].update(extra)
+            if extra:
+                carried[j].update(extra)
             members[idx], more, names = _stem_value(rule, ctx, member, hints)
-            checks += more
-            meta_roles |= names
-            role_sets.add(frozenset(member.roles))
+            if more:
+                checks += more
+                meta_roles |= names
+            names_seen = tuple(member.roles)
+            if names_seen not in seen_roles:
+                seen_roles.add(names_seen)
+                role_sets.add(frozenset(names_seen))
         streams.append(O.Stream(pattern.text, rule.stacked, members))
     if len(role_sets) > 1:
         sets = sorted(sorted(s) for s in role_sets)
@@ -277,15 +354,20 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
     placed = _place_companions(rule, ctx, group, carried, streams) if any(carried) else None
     results: list[tuple[str, P.Node]] = []
     axes_ok: set[Any] = set()
+    naming = rule.dst.naming
     for i, (stream, pattern) in enumerate(zip(streams, rule.dst.patterns, strict=True)):
+        family = stream.captures
         for idx, value in stream.members.items():
-            _check_axes(rule, ctx, value, axes_ok)
+            if value.axes not in axes_ok:  # _check_axes returns at once for axes seen ok
+                _check_axes(rule, ctx, value, axes_ok)
             caps = dict(group.captures)
-            caps.update({c: str(i) for c, i in zip(stream.captures, idx, strict=True)})
+            for c, n in zip(family, idx, strict=True):
+                caps[c] = str(n)
             stem = pattern.format(caps)
             for role, rv in value.roles.items():
-                results.append((key_for(stem, role, rule.dst.naming),
-                                _stored(value, rv, index)))
+                # _stored gives the node itself when the role has no view
+                results.append((key_for(stem, role, naming),
+                                rv.node if rv.view is None else _stored(value, rv, index)))
             for role in sorted(meta_roles):
                 dtype = value.scheme.roles[role].dtype or "I64"
                 const = P.Const(value.shape, (len(value.shape),), dtype, index)
@@ -299,12 +381,11 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
     return results
 
 
-def _companions(ctx: O.OpContext, member: _Member
+def _companions(ctx: O.OpContext, member: _Member, known: Mapping[str, Any]
                 ) -> tuple[_Member, dict[str, tuple[str, P.Node]]]:
     """Split a stem's companion roles (KV-cache scales: they belong to this stem alone and go
-    around the ops) from the roles of its weight's scheme."""
-    known = companion_roles()
-    if not any(role in known for role in member.roles):
+    around the ops) from the roles of its weight's scheme. ``known``: ``companion_roles()``."""
+    if known.keys().isdisjoint(member.roles):
         return member, {}
     own = _Member({r: kv for r, kv in member.roles.items() if r not in known})
     extra = {r: kv for r, kv in member.roles.items() if r in known}
@@ -363,40 +444,67 @@ def _place_companions(rule: Rule, ctx: O.OpContext, group: _Group,
                    f"{len(streams)} cannot place it", role=role)
 
 
+# role signature -> (detected scheme or the reason none fits, the recipe of its roles)
 _STEMS: dict[tuple[Any, ...], Any] = {}
+
+
+_Recipe = tuple[tuple[Any, ...], ...]
+
+
+def _stem_recipe(found: Any, sig: tuple[Any, ...]) -> _Recipe:
+    """Per role, in the member's order: what ``_stem_value`` does with it. All of it depends
+    on the signature only (roles, shapes, dtypes, axes, hints), so it is worked out once per
+    signature, not once per expert: (metadata?, canonical shape or None if the stored shape
+    is canonical, layout, spec, view)."""
+    recipe = []
+    for role, shape, _ in sig[0]:
+        fit = found.roles[role]
+        spec = found.scheme.roles[role]
+        if spec.kind == "shape":
+            recipe.append((True, None, None, spec, None))
+            continue
+        recipe.append((False, None if fit.canonical == shape else fit.canonical, fit.layout,
+                       spec, fit.view))
+    return tuple(recipe)
 
 
 def _stem_value(rule: Rule, ctx: O.OpContext, member: _Member, hints: frozenset[str]
                 ) -> tuple[O.StemValue, list[P.Node], set[str]]:
     """A stem's value for the ops, the checks of its metadata roles, and their names."""
-    sig = (tuple((role, node.shape, node.dtype) for role, (_, node) in member.roles.items()),
+    items = member.roles.items()
+    sig = (tuple([(role, node.shape, node.dtype) for role, (_, node) in items]),
            rule.src.axes, hints)
-    found = _STEMS.get(sig)
-    if found is None:
+    cached = _STEMS.get(sig)
+    if cached is None:
         metas = {role: RoleMeta(shape, dtype) for role, shape, dtype in sig[0]}
         found = detect(all_schemes(), metas, rule.src.axes, hints)
+        cached = (found, None if isinstance(found, str) else _stem_recipe(found, sig))
         if len(_STEMS) > 4096:
             _STEMS.clear()
-        _STEMS[sig] = found
-    keys = tuple(k for k, _ in member.roles.values())
+        _STEMS[sig] = cached
+    found, recipe = cached
+    keys = tuple([k for k, _ in member.roles.values()])
     if isinstance(found, str):
         raise ctx.fail(found, key=keys[0])
+    assert recipe is not None
     roles = {}
     checks: list[P.Node] = []
     meta_roles: set[str] = set()
-    for role, (key, node) in member.roles.items():
-        fit = found.roles[role]
-        spec = found.scheme.roles[role]
-        if spec.kind == "shape":
+    origin = ctx.origin
+    new_role_value = O.new_role_value
+    for (role, (key, node)), (meta, canonical, layout, spec, view) in zip(items, recipe,
+                                                                          strict=True):
+        if meta:
             # metadata: checked against the logical shape here, written anew for each output
-            want = P.Const(found.shape, node.shape, node.dtype, ctx.origin)
-            checks.append(O.n_same([node, want], ctx.origin))
+            want = P.Const(found.shape, node.shape, node.dtype, origin)
+            checks.append(O.n_same([node, want], origin))
             meta_roles.add(role)
             continue
-        canonical = node if fit.canonical == node.shape else O.n_reshape(node, fit.canonical,
-                                                                          ctx.origin)
-        roles[role] = O.RoleValue(canonical, fit.layout, spec, fit.view, key)
-    return O.StemValue(found.scheme, found.axes, found.shape, roles, keys), checks, meta_roles
+        if canonical is not None:
+            node = O.n_reshape(node, canonical, origin)
+        roles[role] = new_role_value(node, layout, spec, view, key)
+    return (O.new_stem_value(found.scheme, found.axes, found.shape, roles, keys), checks,
+            meta_roles)
 
 
 def _normal(axes: tuple[str, ...]) -> tuple[str, ...]:
