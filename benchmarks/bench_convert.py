@@ -1036,8 +1036,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan-keys", type=int, default=300_000,
                     help="keys of the pure planning measurement (default 300000)")
     ap.add_argument("--no-diagnostics", action="store_true",
-                    help="skip the single-run diagnostic convlens variants (workers=2, fsync "
-                         "disabled, torch path forced), the transformers probe and the profiles")
+                    help="skip the single-run diagnostic convlens variants (workers=2 with 1GB "
+                         "shards, torch path forced), the transformers probe and the profiles")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--output", default=str(REPO / "BENCHMARKS.md"),
                     help="markdown file to update (default: BENCHMARKS.md at the repo root)")
@@ -1154,7 +1154,7 @@ def bench_workload(h: Harness, R: Results, w: str, workdir: Path, size: float,
     log(f"  check: {R.checks[w]}")
     shutil.rmtree(workdir / f"w{w}-naive", ignore_errors=True)
     if diag:
-        variants = [("workers=2 (CLI default here) with max_shard_size=1GB",
+        variants = [("workers=2 with max_shard_size=1GB (several output shards)",
                      {"workers": 2, "max_shard_size": "1GB"})]
         if w == "2":
             variants.append(("torch path forced (every group materialized)",
