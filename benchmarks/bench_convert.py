@@ -544,7 +544,8 @@ def naive_w3(pending: dict[str, Any], out: dict[str, Any], config: dict[str, Any
         if len(got) < 6 * E:
             continue
         t = {key: pending.pop(k) for key, k in got.items()}
-        for role, suffix in (("weight", ""), ("weight_scale_inv", "_weight_scale_inv")):
+        # transformers' FP8 experts name the block scale gate_up_proj_scale_inv
+        for role, suffix in (("weight", ""), ("weight_scale_inv", "_scale_inv")):
             out[f"{p}.mlp.experts.gate_up_proj{suffix}"] = torch.stack(
                 [torch.cat([t[e, "gate_proj", role], t[e, "up_proj", role]], 0)
                  for e in range(E)])
@@ -1256,7 +1257,7 @@ LABELS = {"cp": "`cp -r` (physical reference)",
           "fsync": "convlens `fsync=True` (`--fsync`: every file on disk before the rename)",
           "naive": "naive: `load_file` per shard, hand-written torch, `save_file`",
           "transformers": "transformers `revert_weight_conversion` + `save_file`",
-          "convlens": "**convlens** `convert_checkpoint` (default workers=1)"}
+          "convlens": "**convlens** `convert_checkpoint` (default workers: the CPUs, at most 4)"}
 NA = {"1": "transformers: n/a, see the probe below",
       "2": "transformers: n/a in this direction: hub -> in-memory only happens inside "
            "`from_pretrained`, into a live model, not disk to disk; timed in reverse as 2r",
