@@ -2,8 +2,12 @@
 
 Used by ``test_all_architectures.py``: every size-like field of the default config (and of its
 sub-configs: text, vision, audio, ...) is set to a small value, lists sized by the number of layers
-are cut to the new depth, and the model is built seeded on the CPU in float32. What cannot be built
-that way is reported with the exception, never patched per model.
+are cut to the new depth (keeping one layer of each kind a layer-type list names), and the model is
+built seeded on the CPU in float32. A few consistency fixes follow from the shrinking, for every
+model alike: attention head counts that divide the new widths, backbone ``out_features`` /
+``out_indices`` within the new stages, ``mrope_section`` summing to the new rotary half-width, and
+a size left ``None`` in a default config set. What cannot be built that way is reported with the
+exception; the only per-model values are the documented ``OVERRIDES``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ SMALL: dict[str, int] = {
     "v_head_dim": 8, "head_dim": 8, "attention_head_dim": 8,
     # depth
     "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "n_layers": 2, "depth": 2,
-    "encoder_layers": 1, "decoder_layers": 1, "num_encoder_layers": 1, "num_decoder_layers": 1,
+    # two decoder layers: detection heads tie bbox_embed.0 to bbox_embed.1.. (tie_weights_keys)
+    "encoder_layers": 1, "decoder_layers": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
     "num_mtp_layers": 1, "num_nextn_predict_layers": 1,
     # heads
     "num_attention_heads": 4, "num_key_value_heads": 2, "num_heads": 4, "n_head": 4,
@@ -39,6 +44,13 @@ SMALL: dict[str, int] = {
     "num_shared_experts": 1, "n_group": 1, "topk_group": 1,
     # vocab
     "vocab_size": 128,
+}
+
+# model_type -> field -> value, applied after shrinking, for what a generic rule cannot know
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # validate_architecture: multi-head attention only (num_key_value_heads == num_attention_heads)
+    "glm5_next": {"num_key_value_heads": 4},
+    "glm5_next_text": {"num_key_value_heads": 4},
 }
 
 SUB_CONFIG_NAMES = ("text_config", "vision_config", "audio_config", "encoder_config",
@@ -86,10 +98,16 @@ def _shrink_in_place(config: Any, depth: int) -> None:
         if name in ("num_hidden_layers", "num_layers", "n_layer"):
             new_layers = small
     if new_layers is not None:
-        for name, value in fields.items():
-            if isinstance(value, list) and len(value) in old_layers and len(value) > new_layers:
-                with contextlib.suppress(Exception):
-                    setattr(config, name, list(value[:new_layers]))
+        _cut_layer_lists(config, fields, old_layers, new_layers)
+    _fix_heads(config, fields)
+    _fix_backbone(config)
+    _fix_mrope(config)
+    for name, value in OVERRIDES.get(getattr(config, "model_type", ""), {}).items():
+        with contextlib.suppress(Exception):
+            setattr(config, name, value)
+    if "vocab_size" in fields and fields["vocab_size"] is None:
+        with contextlib.suppress(Exception):
+            config.vocab_size = SMALL["vocab_size"]
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int):
         for name in ("pad_token_id", "padding_idx"):
@@ -100,6 +118,97 @@ def _shrink_in_place(config: Any, depth: int) -> None:
     if depth < 3:
         for _, sub in _sub_configs(config):
             _shrink_in_place(sub, depth + 1)
+
+
+def _cut_layer_lists(config: Any, fields: dict[str, Any], old_layers: set[int], new: int) -> None:
+    """Cut the per-layer lists to ``new`` entries: the first layers, except that a list of layer
+    kinds (strings: "full_attention", "linear_attention", ...) keeps the first layer of each kind,
+    and every per-layer list is cut at the same layers (growing the depth to at most 4 for that)."""
+    lists = {n: v for n, v in fields.items()
+             if isinstance(v, list) and len(v) in old_layers and len(v) > new}
+    keep: list[int] = []
+    for v in lists.values():
+        if all(isinstance(x, str) for x in v):
+            for kind in dict.fromkeys(v):
+                if v.index(kind) not in keep:
+                    keep.append(v.index(kind))
+    keep = sorted(keep)[:4]
+    if len(keep) > new:
+        for n in ("num_hidden_layers", "num_layers", "n_layer"):
+            if n in fields:
+                with contextlib.suppress(Exception):
+                    setattr(config, n, len(keep))
+    for i in range(max(map(len, lists.values()), default=0)):
+        if len(keep) >= new:
+            break
+        if i not in keep:
+            keep.append(i)
+    keep.sort()
+    for name, value in lists.items():
+        with contextlib.suppress(Exception):
+            setattr(config, name, [value[i] for i in keep if i < len(value)])
+
+
+def _fix_heads(config: Any, fields: dict[str, Any]) -> None:
+    """Head counts SMALL does not name (decoder_num_attention_heads, mamba_n_heads, ...): at most 4
+    (2 for key/value heads), so that they divide the shrunk widths."""
+    for name, value in fields.items():
+        if (not name.endswith("heads") or name in SMALL or isinstance(value, bool)
+                or not isinstance(value, int)):
+            continue
+        small = 2 if ("kv" in name or "key_value" in name) else 4
+        if value > small:
+            with contextlib.suppress(Exception):
+                setattr(config, name, small)
+
+
+def _fix_backbone(config: Any) -> None:
+    """A backbone config's stage names, out_features and out_indices for the shrunk depth: the
+    last stages, as many as were asked for (the depth grows to that number where it has no
+    per-stage list)."""
+    if not hasattr(config, "set_output_features_output_indices"):
+        return
+    depths = getattr(config, "depths", None)
+    n = len(depths) if isinstance(depths, list) else getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        return
+    wanted = getattr(config, "out_indices", None) or getattr(config, "out_features", None) or [0]
+    k = len(wanted)
+    if k > n and not isinstance(depths, list) and k <= 4:
+        with contextlib.suppress(Exception):
+            config.num_hidden_layers = k
+            n = k
+    k = min(k, n)
+    with contextlib.suppress(Exception):
+        config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, n + 1)]
+        config.set_output_features_output_indices(out_features=None,
+                                                  out_indices=list(range(n - k + 1, n + 1)))
+
+
+def _fix_mrope(config: Any) -> None:
+    """``rope_parameters.mrope_section`` rescaled to sum to half the shrunk rotary dimension."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or not isinstance(rope.get("mrope_section"), list):
+        return
+    sections = rope["mrope_section"]
+    dim = next((getattr(config, n) for n in ("qk_rope_head_dim", "head_dim")
+                if isinstance(getattr(config, n, None), int)), None)
+    if dim is None:
+        hidden = getattr(config, "hidden_size", None)
+        heads = getattr(config, "num_attention_heads", None)
+        if not isinstance(hidden, int) or not isinstance(heads, int) or not heads:
+            return
+        dim = hidden // heads
+    target, total = dim // 2, sum(sections)
+    if not total or target < len(sections) or total == target:
+        return
+    new = [max(1, s * target // total) for s in sections]
+    new[-1] += target - sum(new)
+    if new[-1] < 1:
+        return
+    rope["mrope_section"] = new
+    with contextlib.suppress(Exception):
+        config.rope_parameters = rope
 
 
 def build(cls_name: str, seed: int = 0) -> Any:
