@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import time
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
+from timelimit import deadline
 
 from convlens.dsl.parser import SYNTAX_EXAMPLES, parse
 from convlens.errors import ConvlensError, RuleError, RuleSyntaxError
@@ -195,24 +192,6 @@ def test_a_non_utf8_file_is_located_at_its_byte(tmp_path: object) -> None:
 # so an xfail costs its bound, not the pathological time.
 
 
-class _Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Raise _Timeout in the main thread after ``seconds`` (the re module and Python loops
-    check for signals, so a runaway match or loop is interrupted)."""
-    def fire(signum: int, frame: Any) -> None:
-        raise _Timeout(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def test_a_backtracking_pattern_matches_long_keys_in_linear_time() -> None:

@@ -7,19 +7,18 @@ Files are built byte by byte: an 8-byte little-endian header length, the JSON he
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import struct
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from timelimit import deadline
 
 import convlens
 from convlens.checkpoint import convert_checkpoint
@@ -433,24 +432,6 @@ HOSTILE = [
 ]
 
 
-class _Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Raise _Timeout in this (main) thread after ``seconds``: a hang fails instead of blocking
-    the suite (a blocking open() is interrupted by the signal, PEP 475)."""
-    def fire(signum: int, frame: Any) -> None:
-        raise _Timeout(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.mark.parametrize("case", HOSTILE)
