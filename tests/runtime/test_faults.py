@@ -1,9 +1,8 @@
 """Fault injection into checkpoint conversion (issue 7).
 
 A disk that fills up after N bytes (ENOSPC from every way convlens/runtime/disk.py writes: the
-header through ``write_all``, ``os.copy_file_range``, ``os.write``, ``os.pwrite``), a source
-whose Nth read
-fails (EIO from ``os.preadv`` and from ``os.copy_file_range``), and a process killed with
+header through ``write_all``, ``os.copy_file_range``, ``os.pwrite``), a source whose Nth
+read fails (EIO from ``os.preadv`` and from ``os.copy_file_range``), and a process killed with
 SIGKILL in the middle of a run. After each: the source is byte-identical (every file hashed),
 the destination is absent (or, with ``force=True``, the previous one is intact), the temporary
 folder is gone or removed by the next run, and a rerun without the fault succeeds with the
@@ -74,10 +73,6 @@ class FaultyOS:
             if self.fail_read is not None and self.reads >= self.fail_read:
                 self.fired.append(what)
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    def write(self, fd: int, data: Any) -> int:
-        n = self._spend(len(data), "os.write")
-        return os.write(fd, memoryview(data)[:n])
 
     def pwrite(self, fd: int, data: Any, offset: int) -> int:
         n = self._spend(len(data), "os.pwrite")
