@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1482,64 +1482,65 @@ def _compare_examples(units: list[_Unit], program: Any, oracle: _Transformers,
 
     inverse = program.inverse()
     live = {u.index for u in units if u.reason is None}
-    for u in units:
-        if u.reason is not None:
-            continue
-        for keys in u.examples:
-            for key in keys:
-                want, tf_fired = oracle.rename(key)
-                if tf_fired - live:
-                    continue  # an untranslated transform renames it in transformers
-                fwd = trace_key(program, key)
-                fired = _fired_units(fwd, owner)
-                if fwd.note or not fwd.reaches(want):
-                    got = ", ".join(fwd.results) + (f" ({fwd.note})" if fwd.note else "")
-                    diff = [i for i in sorted(set(fired) ^ (tf_fired & live)) if i in live]
-                    culprit = by_index[diff[0]] if diff else u
-                    via = "" if culprit is u else f" (an example of {u.item})"
-                    culprit.reason = (f"on {key!r}{via} transformers gives {want!r}, the "
-                                      f"translation {got or 'nothing'}")
-                    return True
-                back = trace_key(inverse, want)
-                if back.note or not back.reaches(key):
-                    got = ", ".join(back.results) + (f" ({back.note})" if back.note else "")
-                    theirs = oracle.revert(want)
-                    if not back.note and back.reaches(theirs):
-                        # transformers' save side does the same: faithful, but no round trip
-                        note = (f"not invertible on {key!r}: it becomes {want!r}, which goes "
-                                f"back to {theirs!r} (in transformers' save too); convlens "
-                                "refuses such a checkpoint at run time")
-                        owner_unit = u
-                        extra = [i for i in _fired_units(back, owner) if i not in fired]
-                        if extra:
-                            owner_unit = by_index[extra[0]]
-                        if note not in owner_unit.notes:
-                            owner_unit.notes.append(note)
-                        u.no_expect.add(key)
-                        continue
-                    extra = [i for i in _fired_units(back, owner) if i not in fired]
-                    culprit = by_index[extra[0]] if extra else u
-                    culprit.reason = (
-                        f"not invertible on the keys transformers makes: {key!r} -> {want!r}, "
-                        f"whose inverse gives {got or 'nothing'}"
-                        + ("" if culprit is u else " (this rule's inverse renames it too)"))
-                    return True
+    for u, key in _live_examples(units):
+        want, tf_fired = oracle.rename(key)
+        if tf_fired - live:
+            continue  # an untranslated transform renames it in transformers
+        fwd = trace_key(program, key)
+        fired = _fired_units(fwd, owner)
+        if fwd.note or not fwd.reaches(want):
+            got = ", ".join(fwd.results) + (f" ({fwd.note})" if fwd.note else "")
+            diff = [i for i in sorted(set(fired) ^ (tf_fired & live)) if i in live]
+            culprit = by_index[diff[0]] if diff else u
+            via = "" if culprit is u else f" (an example of {u.item})"
+            culprit.reason = (f"on {key!r}{via} transformers gives {want!r}, the "
+                              f"translation {got or 'nothing'}")
+            return True
+        back = trace_key(inverse, want)
+        if back.note or not back.reaches(key):
+            got = ", ".join(back.results) + (f" ({back.note})" if back.note else "")
+            theirs = oracle.revert(want)
+            if not back.note and back.reaches(theirs):
+                # transformers' save side does the same: faithful, but no round trip
+                note = (f"not invertible on {key!r}: it becomes {want!r}, which goes "
+                        f"back to {theirs!r} (in transformers' save too); convlens "
+                        "refuses such a checkpoint at run time")
+                owner_unit = u
+                extra = [i for i in _fired_units(back, owner) if i not in fired]
+                if extra:
+                    owner_unit = by_index[extra[0]]
+                if note not in owner_unit.notes:
+                    owner_unit.notes.append(note)
+                u.no_expect.add(key)
+                continue
+            extra = [i for i in _fired_units(back, owner) if i not in fired]
+            culprit = by_index[extra[0]] if extra else u
+            culprit.reason = (
+                f"not invertible on the keys transformers makes: {key!r} -> {want!r}, "
+                f"whose inverse gives {got or 'nothing'}"
+                + ("" if culprit is u else " (this rule's inverse renames it too)"))
+            return True
     return False
 
 
 def _expects(units: list[_Unit], oracle: _Transformers) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     live = {u.index for u in units if u.reason is None}
-    for u in units:
-        if u.reason is not None:
-            continue
-        for keys in u.examples:
-            for key in keys:
-                want, fired = oracle.rename(key)
-                pair = (key, want)
-                if fired <= live and pair not in out and key not in u.no_expect:
-                    out.append(pair)
+    for u, key in _live_examples(units):
+        want, fired = oracle.rename(key)
+        pair = (key, want)
+        if fired <= live and pair not in out and key not in u.no_expect:
+            out.append(pair)
     return out
+
+
+def _live_examples(units: list[_Unit]) -> Iterator[tuple[_Unit, str]]:
+    """Every example key of the units still translated (no reason to leave them out)."""
+    for u in units:
+        if u.reason is None:
+            for keys in u.examples:
+                for key in keys:
+                    yield u, key
 
 
 _CHECK_CACHE: dict[tuple[str, bool], Any] = {}
