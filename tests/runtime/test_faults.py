@@ -1,8 +1,9 @@
 """Fault injection into checkpoint conversion (issue 7).
 
 A disk that fills up after N bytes (ENOSPC from every way convlens/runtime/disk.py writes: the
-header through ``write_all``, ``os.copy_file_range``, ``os.pwrite``), a source whose Nth
-read fails (EIO from ``os.preadv`` and from ``os.copy_file_range``), and a process killed with
+header through ``write_all``, tensor bytes through ``os.pwrite``), a source whose Nth read fails
+(EIO from ``os.preadv``, which every byte-range copy and torch input goes through), and a
+process killed with
 SIGKILL in the middle of a run. After each: the source is byte-identical (every file hashed),
 the destination is absent (or, with ``force=True``, the previous one is intact), the temporary
 folder is gone or removed by the next run, and a rerun without the fault succeeds with the
@@ -77,12 +78,6 @@ class FaultyOS:
     def pwrite(self, fd: int, data: Any, offset: int) -> int:
         n = self._spend(len(data), "os.pwrite")
         return os.pwrite(fd, memoryview(data)[:n], offset)
-
-    def copy_file_range(self, src: int, dst: int, count: int, offset_src: int | None = None,
-                        *args: Any) -> int:
-        self._read("copy_file_range (read side)")
-        n = self._spend(count, "os.copy_file_range")
-        return os.copy_file_range(src, dst, n, offset_src, *args)
 
     def preadv(self, fd: int, buffers: Any, offset: int, *args: Any) -> int:
         self._read("os.preadv")
