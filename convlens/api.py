@@ -6,9 +6,7 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from convlens.compiler import plan as P
 from convlens.compiler.checks import check_names
@@ -17,9 +15,12 @@ from convlens.compiler.program import Program, compile_conversion
 from convlens.dsl import ast
 from convlens.dsl.parser import parse, parse_file
 from convlens.errors import ConversionError, RuleError, Span, did_you_mean
-from convlens.runtime.dtypes import dtype_name
-from convlens.runtime.execute import execute
 from convlens.runtime.report import RunReport
+
+# torch is imported where tensors are touched: planning and a checkpoint's byte copies need
+# none of its ~200 MB (issue 4's memory bound)
+if TYPE_CHECKING:
+    import torch
 
 Direction = Literal["apply", "revert"]
 
@@ -97,6 +98,10 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def metas_of(state_dict: Mapping[str, torch.Tensor]) -> dict[str, TensorMeta]:
+    import torch
+
+    from convlens.runtime.dtypes import dtype_name
+
     out = {}
     for key, t in state_dict.items():
         if not isinstance(t, torch.Tensor):
@@ -163,6 +168,8 @@ class Conversion:
              ) -> dict[str, torch.Tensor]:
         p = self.plan(metas_of(state_dict), config, direction=direction, strict=strict,
                       policies=policies)
+        from convlens.runtime.execute import execute
+
         return execute(p, state_dict, report, copy=copy)
 
     def apply(self, state_dict: Mapping[str, torch.Tensor], config: Any = None, *,

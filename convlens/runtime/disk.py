@@ -26,16 +26,15 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from convlens.compiler import plan as P
 from convlens.errors import ConversionError
-from convlens.runtime.dtypes import TORCH_DTYPES
-from convlens.runtime.execute import execute
 from convlens.runtime.report import RunReport
 from convlens.runtime.safetensors_io import Checkpoint, header_bytes, write_all
+
+if TYPE_CHECKING:  # imported by the torch path only: byte copies run without it (~200 MB less)
+    import torch
 
 Segment = tuple[Path, int, int]  # file, absolute offset, length
 MAX_SEGMENTS = 65536  # beyond this a torch gather is faster than many small copies
@@ -221,6 +220,10 @@ class _Reader:
 
 
 def _load(reader: _Reader, ckpt: Checkpoint, key: str) -> torch.Tensor:
+    import torch
+
+    from convlens.runtime.dtypes import TORCH_DTYPES
+
     e = ckpt.entry(key)
     dtype = TORCH_DTYPES[e.dtype]
     if e.nbytes == 0:
@@ -231,6 +234,8 @@ def _load(reader: _Reader, ckpt: Checkpoint, key: str) -> torch.Tensor:
 
 def _compute(key: str, node: P.Node, plan: P.Plan, ckpt: Checkpoint, reader: _Reader,
              report: RunReport | None) -> torch.Tensor:
+    from convlens.runtime.execute import execute
+
     leaves = {leaf.key for leaf in P.leaves(node)}
     tensors = {k: _load(reader, ckpt, k) for k in leaves}
     one = P.Plan(plan.conversion, plan.direction, {key: node}, plan.rules)
@@ -241,6 +246,8 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.contiguous().reshape(-1)
     if not flat.numel():
         return memoryview(b"")
+    import torch
+
     array: Any = flat.view(torch.uint8).numpy()
     return memoryview(array)
 

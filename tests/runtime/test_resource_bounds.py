@@ -8,6 +8,8 @@ halfway through."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,30 @@ def test_enough_memory_converts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_available_memory_reads_the_system() -> None:
     have = disk.available_memory()
     assert have is None or have > 0
+
+
+def _imports_torch(src: Path, dst: Path, rules: str, direction: str) -> bool:
+    """Convert in a fresh interpreter; whether torch got imported on the way."""
+    code = ("import sys\n"
+            "from convlens.checkpoint import convert_checkpoint\n"
+            f"convert_checkpoint({str(src)!r}, {str(dst)!r}, rules={rules!r}, "
+            f"direction={direction!r})\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[-1] in ("True", "False"), out
+    return out[-1] == "True"
+
+
+def test_byte_copies_run_without_importing_torch(tmp_path: Path) -> None:
+    # importing torch alone costs ~200 MB of resident memory: a conversion made only of byte
+    # ranges (here mixtral's stack + concat) must not pay it, or the memory bound (2x the largest
+    # computed group + 300 MB) is mostly spent before the first byte
+    from test_checkpoint import model, write_ckpt
+
+    hub, _ = model("bf16")
+    src = write_ckpt(tmp_path / "hub", hub, "hub", "bf16")
+    assert not _imports_torch(src, tmp_path / "mem", "mixtral", "apply")
+    assert (tmp_path / "mem" / "model.safetensors").exists()
+    # and an output that needs torch (qwen3_vl_moe transposes its experts) does import it
+    assert _imports_torch(_source(tmp_path / "vl"), tmp_path / "vl-out", "qwen3_vl_moe", "apply")
