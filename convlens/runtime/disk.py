@@ -80,24 +80,34 @@ def plan_shards(plan: P.Plan, max_shard_size: int | str) -> list[ShardPlan]:
 
 
 class _Segs:
-    """A node's bytes as segments, with cumulative offsets for slicing."""
+    """A node's bytes as segments, with cumulative offsets for slicing (computed on the first
+    slice of a node made of several ranges; most nodes are one range or are never sliced)."""
+
+    __slots__ = ("_starts", "segs")
 
     def __init__(self, segs: list[Segment]) -> None:
         self.segs = segs
-        self.starts: list[int] = []
-        total = 0
-        for s in segs:
-            self.starts.append(total)
-            total += s[2]
-        self.total = total
+        self._starts: list[int] | None = None
 
     def take(self, start: int, length: int, out: list[Segment]) -> None:
         if length <= 0:
             return
-        i = bisect_right(self.starts, start) - 1
+        segs = self.segs
+        if len(segs) == 1:  # one contiguous range: the slice is a range too
+            path, off, _ = segs[0]
+            _append(out, (path, off + start, length))
+            return
+        starts = self._starts
+        if starts is None:
+            starts, total = [], 0
+            for seg in segs:
+                starts.append(total)
+                total += seg[2]
+            self._starts = starts
+        i = bisect_right(starts, start) - 1
         while length > 0:
-            path, off, n = self.segs[i]
-            skip = start - self.starts[i]
+            path, off, n = segs[i]
+            skip = start - starts[i]
             m = min(n - skip, length)
             _append(out, (path, off + skip, m))
             start += m
@@ -133,6 +143,10 @@ def segments(node: P.Node, ckpt: Checkpoint, memo: dict[int, Any] | None = None
 
 
 def _segments(node: P.Node, ckpt: Checkpoint, memo: dict[int, Any]) -> _Segs | None:
+    if type(node) is P.Load:  # most nodes (every expert of a stack): no memo needed
+        shard = ckpt.where[node.key]
+        e = shard.entries[node.key]
+        return _Segs([(shard.path, e.start, e.end - e.start)] if e.end > e.start else [])
     key = id(node)
     if key in memo:
         return memo[key][1]  # type: ignore[no-any-return]
@@ -153,8 +167,14 @@ def _segments_of(node: P.Node, ckpt: Checkpoint, memo: dict[int, Any]) -> _Segs 
         if any(p is None for p in parts):
             return None
         outer = math.prod(node.shape[:node.dim])
-        chunks = [math.prod(a.shape[node.dim:]) * size for a in node.args]
         out: list[Segment] = []
+        if outer == 1:  # along the first axis: the parts one after another
+            for part in parts:
+                assert part is not None
+                for seg in part.segs:
+                    _append(out, seg)
+            return _Segs(out)
+        chunks = [math.prod(a.shape[node.dim:]) * size for a in node.args]
         for i in range(outer):
             for part, chunk in zip(parts, chunks, strict=True):
                 assert part is not None
@@ -303,8 +323,11 @@ class _Copier:
                     self.flush()
 
     def close(self) -> None:
-        self.view.release()
-        self.buf.close()
+        # after an error, slices of the buffer may live on in the traceback's frames: the
+        # mapping is then unmapped when they go
+        with contextlib.suppress(BufferError):
+            self.view.release()
+            self.buf.close()
 
     def flush(self) -> None:
         if self.fill:
@@ -395,7 +418,7 @@ def write_piece(piece: _Piece, plan: P.Plan, ckpt: Checkpoint, report: RunReport
         for key in piece.keys:
             node = plan.outputs[key]
             nbytes = P.nbytes(node.shape, node.dtype)
-            segs = segments(node, ckpt, memo) if not _needs_torch(node) else None
+            segs = segments(node, ckpt, memo)  # None: a node only torch computes
             if segs is not None:
                 copier.copy(segs, at)
                 copied = True
@@ -524,7 +547,7 @@ class VerifyStats:
 def _expected(key: str, node: P.Node, plan: P.Plan, ckpt: Checkpoint, reader: _Reader,
               memo: dict[int, Any]) -> Any:
     """The bytes ``node`` must have, as chunks (read lazily for byte-range gathers)."""
-    segs = None if _needs_torch(node) else segments(node, ckpt, memo)
+    segs = segments(node, ckpt, memo)
     if segs is None:
         yield bytes(_tensor_bytes(_compute(key, node, plan, ckpt, reader, None)))
         return
