@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from convlens.compiler import plan as P
 from convlens.compiler.checks import check_names
-from convlens.compiler.planner import TensorMeta, plan
+from convlens.compiler.planner import HasMeta, TensorMeta, plan
 from convlens.compiler.program import Program, compile_conversion
 from convlens.dsl import ast
 from convlens.dsl.parser import parse, parse_file
@@ -142,11 +142,12 @@ class Conversion:
             return self.inverse_program, self.program
         raise ValueError(f"direction is 'apply' or 'revert', not {direction!r}")
 
-    def plan(self, metas: Mapping[str, TensorMeta], config: Any = None, *,
+    def plan(self, metas: Mapping[str, HasMeta], config: Any = None, *,
              direction: Direction = "apply", strict: bool = False,
              check: bool = True, policies: Iterable[str] = ()) -> P.Plan:
-        """The plan for tensors described by ``metas``, validated whole. ``policies``: the
-        lossy steps allowed (``max``, ``rescale``, ``requantize``); none by default."""
+        """The plan for tensors described by ``metas`` (anything with ``shape`` and ``dtype``:
+        TensorMeta, a safetensors header entry), validated whole. ``policies``: the lossy steps
+        allowed (``max``, ``rescale``, ``requantize``); none by default."""
         forward, backward = self._programs(direction)
         cfg = config_dict(config)
         result = plan(forward, metas, cfg, strict=strict, policies=frozenset(policies))

@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 from convlens.api import Conversion, load_rules, shipped_rules
 from convlens.compiler import plan as P
-from convlens.compiler.planner import TensorMeta
 from convlens.compiler.program import Program
 from convlens.errors import ConversionError
 from convlens.runtime.disk import (
@@ -258,7 +257,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path | None, rules: str | Pat
                                   f"already; {direction} again would convert it twice")
         conversion = _subset(conversion, provenance.get("fired", []))
         chosen += " (undoing exactly the recorded rules)"
-    metas = {k: TensorMeta(e.shape, e.dtype) for s in ckpt.shards for k, e in s.entries.items()}
+    # header entries have shape and dtype: planning reads them as they are (200k+ keys)
+    metas = {k: e for s in ckpt.shards for k, e in s.entries.items()}
     plan = conversion.plan(metas, plan_config, direction=direction, strict=strict,
                            policies=policies)
     shards = plan_shards(plan, max_shard_size)
@@ -354,7 +354,7 @@ def _map_configs(plan: P.Plan, config: dict[str, Any], hf_quant: dict[str, Any] 
         from convlens.configs import map_quantization_configs
     except ImportError:  # pragma: no cover - configs.py is part of the package
         return config or None, hf_quant, []
-    return map_quantization_configs(plan.key_map(), config or None, hf_quant)
+    return map_quantization_configs(plan.key_map, config or None, hf_quant)
 
 
 def _write_index(folder: Path, plan: P.Plan, shards: list[Any], provenance: Mapping[str, Any]
@@ -462,7 +462,7 @@ def verify_checkpoint(src: str | Path, dst: str | Path, rules: str | Path | None
     plan_config = dict(config)
     if hf_quant is not None:
         plan_config["hf_quant_config"] = hf_quant
-    metas = {k: TensorMeta(e.shape, e.dtype) for s in src_ckpt.shards for k, e in s.entries.items()}
+    metas = {k: e for s in src_ckpt.shards for k, e in s.entries.items()}
     policies = (provenance or {}).get("policies", [])
     plan = conversion.plan(metas, plan_config, direction=direction, policies=policies)
     stats = verify_outputs(plan, src_ckpt, dst_ckpt,
