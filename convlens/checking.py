@@ -93,8 +93,8 @@ def check_expectations(program: Program) -> list[ConvlensError]:
     errors: list[ConvlensError] = []
     inverse = program.inverse()
     for exp in program.expects:
-        fwd = trace_key(program, exp.src)
-        back = trace_key(inverse, exp.dst)
+        fwd = trace_key(program, exp.src, exp.config)
+        back = trace_key(inverse, exp.dst, exp.config)
         problems = []
         if fwd.note or not fwd.reaches(exp.dst):
             note = f" ({fwd.note})" if fwd.note else ""
@@ -280,6 +280,7 @@ def check_dequant_commutes(program: Program, x: dict[str, torch.Tensor],
     hints = config_hints(config)
     compared = 0
     state = dict(x)
+    program = program.resolve(config)  # its patterns match keys here ({e+config.n})
     for rule in program.rules:
         one = Program(program.name, program.path, (), (), (rule,))
         p = plan(one, metas_of(state), config)

@@ -17,6 +17,7 @@ line and a caret, without a traceback unless ``-v``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,11 +90,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from convlens.compiler.trace import trace_key
 
     conversion = load_rules(args.rules)
+    config = None
+    if args.config:  # the values of config fields that patterns read ({e+config.n})
+        path = Path(args.config)
+        config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
     shown = False
     for direction, program in (("apply", conversion.program),
                                ("revert", conversion.inverse_program)):
-        trace = trace_key(program, args.key)
-        if not trace.steps:
+        trace = trace_key(program, args.key, config)
+        if not trace.steps and not trace.note:  # a note: a rule it reaches needs the config
             continue
         shown = True
         print(f"{direction} ({conversion.name}): {args.key}")
@@ -241,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="which rule maps a key, and its inverse")
     p.add_argument("--rules", required=True, help="a shipped name or a .conv file")
+    p.add_argument("--config", help="config.json (or its folder), for patterns that read it")
     p.add_argument("key")
     p.set_defaults(func=cmd_explain)
 

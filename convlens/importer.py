@@ -15,14 +15,16 @@ built model, with its scoped sub-model rules) and writes a conversion file:
   ``concat``, ``Chunk`` -> ``split``, ``SplitModulelist`` -> ``unstack``, ``Split`` -> ``split``
   with sizes from config (known q/k/v layouts), ``Interleave`` -> ``deinterleave``/``interleave``,
   ``Transpose`` -> ``transpose`` with declared axes, ``PermuteForRope`` -> ``rope_permute``,
-  ``Conv3dToLinear`` -> ``flatten``, the Ernie many-to-many op -> ``stack, concat`` into an
-  intermediate stem and ``split`` out of it;
+  ``Conv3dToLinear`` -> ``flatten``, the Ernie many-to-many op -> one ``stack, concat`` rule per
+  target, each over its contiguous group of experts (``{e:int<N}``, ``{e+N}``);
+- the index-offset rename -> an expression capture (``{i+1}``), ``LayerPairCollapse`` -> one
+  rename per block parity (``layers.{2*i}.mixer`` -> ``layers.{i:int}.self_attn``);
 - every emitted rule is checked against transformers itself: an example key is renamed by
   transformers' own transforms and by the compiled rules, and the agreement is written as an
   ``expect`` line. Then the file is compiled and checked like ``convlens check`` does.
 
-What cannot be translated faithfully (custom ops, index arithmetic, a rule the checks refuse, a
-rule whose example key transformers maps differently) is left out, listed as
+What cannot be translated faithfully (custom ops, a rule the checks refuse, a rule whose
+example key transformers maps differently) is left out, listed as
 :class:`Untranslatable` with its reason and written into the text as a comment, never
 approximated.
 
@@ -674,6 +676,11 @@ class _Unit:
     kind: str = "rename"
     no_expect: set[str] = field(default_factory=set)  # examples that do not round-trip
     check_failure: str | None = None
+    # example key -> (text, replacement) in transformers' result, where its key renaming alone
+    # cannot tell the target (the Ernie op sends each expert to one of its targets by position)
+    retarget: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # config values the examples are traced with (``with config.n = 2`` on their expects)
+    given: tuple[tuple[tuple[str, ...], int], ...] = ()
 
 
 def _describe(t: Any) -> str:
@@ -717,12 +724,12 @@ def _example_value(cap: str, kind: str, guards: list[_Guard]) -> str:
     return "a0"
 
 
-_CAP = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*|:int)?\}")
+_CAP = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*|:int(?:<[^{}]*)?)?\}")
 
 
 def _instantiate(pattern: str, guards: list[_Guard], tail: str) -> str:
     def sub(m: re.Match[str]) -> str:
-        kind = {"*": "many", ":int": "int"}.get(m.group(2) or "", "one")
+        kind = "many" if m.group(2) == "*" else "int" if m.group(2) else "one"
         return _example_value(m.group(1), kind, guards)
 
     return _CAP.sub(sub, pattern) + tail
@@ -777,6 +784,52 @@ def _rename_statements(t: Any, names_factory: Callable[[], _Names], scope: tuple
                     else None
                 statements.append(_Rename(s, d, guards, cap))
                 examples.append([_instantiate(s, guards, ".weight")])
+    return statements, examples, notes
+
+
+def _shift_index(statements: list[_Stmt], offset: int) -> None:
+    """Inkling2IndexOffsetWeightRename: the target's index is the source's plus ``offset``, an
+    expression capture on the target side (``{i+1}``; its inverse solves for ``i``)."""
+    for st in statements:
+        assert isinstance(st, _Rename)
+        ints = [m for m in _CAP.finditer(st.dst) if m.group(2) == ":int"]
+        if len(ints) != 1:
+            raise _Unsupported(f"an index offset on a target with {len(ints)} integer captures")
+        name = ints[0].group(1)
+        shifted = "{" + name + (f"+{offset}" if offset >= 0 else f"-{-offset}") + "}"
+        st.dst = st.dst[: ints[0].start()] + shifted + st.dst[ints[0].end():]
+
+
+# LayerPairCollapse: its class pattern, and the renames it makes of each block of a layer pair
+_LAYER_PAIR = r"layers\.(\d+)\.(mixer|attn_alpha|mlp_alpha)(?=\.|$)"
+_LAYER_PAIR_RENAMES = (("{2*i}.mixer", "{i:int}.self_attn"), ("{2*i+1}.mixer", "{i:int}.mlp"),
+                       ("{2*i}.attn_alpha", "{i:int}.lambda_1"),
+                       ("{2*i+1}.mlp_alpha", "{i:int}.lambda_2"))
+
+
+def _layer_pair_statements(t: Any) -> tuple[list[_Stmt], list[list[str]], list[str]]:
+    """LayerPairCollapse: hub blocks ``layers.{2i}`` (attention) and ``layers.{2i+1}`` (mlp)
+    become layer ``i``, named by the parity; one rename per block kind, at the root and below
+    a prefix (transformers searches the key anywhere)."""
+    found = getattr(getattr(type(t), "pattern", None), "pattern", None)
+    if found != _LAYER_PAIR:
+        raise _Unsupported(f"LayerPairCollapse with a pattern the importer does not know: "
+                           f"{found!r}")
+    statements: list[_Stmt] = []
+    examples: list[list[str]] = []
+    for form, cap in (("", None), ("{p*}.", "p")):
+        for src, dst in _LAYER_PAIR_RENAMES:
+            statements.append(_Rename(f"{form}layers.{src}", f"{form}layers.{dst}", [], cap))
+            block = 3 if "+1" in src else 2
+            examples.append([f"{'x.0.' if form else ''}layers.{block}."
+                             f"{src.split('.', 1)[1]}.weight"])
+    notes = [
+        "transformers also renames attn_alpha on an mlp block and mlp_alpha on an attention "
+        "block (to the same lambda as the other parity); the hub holds each on its own parity, "
+        "and only that one is renamed here, so that the renames stay a bijection",
+        "transformers' reverse of LayerPairCollapse is itself, which matches no in-memory name "
+        "(save_pretrained keeps the collapsed layers); the inverse here writes the layer pairs "
+        "of the hub layout back"]
     return statements, examples, notes
 
 
@@ -960,7 +1013,7 @@ def _ops_text(t: Any, n_src: int, targets: list[str], source_patterns: list[str]
 
 def _converter_statements(t: Any, names_factory: Callable[[], _Names],
                           scope: tuple[str, ...] | None, siblings: set[str],
-                          naming_of: Callable[[str, str], str | None]
+                          naming_of: Callable[[str, str], str | None], unit: _Unit
                           ) -> tuple[list[_Stmt], list[list[str]], list[str], str]:
     op_names = [type(o).__name__ for o in t.operations]
     stack = any(n in ("MergeModulelist", "ErnieFuseAndSplitTextVisionExperts") for n in op_names)
@@ -1029,9 +1082,10 @@ def _converter_statements(t: Any, names_factory: Callable[[], _Names],
         if src_stems[0][1] != "param" and last_src.endswith(("bias", "bias.")):
             tail = ".bias" if src_stems[0][1] == "module" else "_bias"
         if is_ernie:
-            st = _ernie(t, src_stems, dst_stems, stack_cap)
+            st, keys, note = _ernie(t, src_stems, dst_stems, stack_cap, tail, unit)
             statements += [_Raw(x) for x in st]
-            examples += [[_instantiate(src_stems[0][0], [], tail)]] + [[]] * (len(st) - 1)
+            examples += [[k] for k in keys]
+            notes.append(note)
             continue
         ops, op_notes, src_axes = _ops_text(t, len(sources), list(t.target_patterns),
                                             list(t.source_patterns), stack_cap)
@@ -1069,27 +1123,66 @@ def _naming_text(naming: str) -> str:
     return "" if naming == "module" else f" naming {naming}"
 
 
+# The size of each group the Ernie op cuts the expert list into: in ernie4_5_vl_moe the text and
+# the vision MoE both hold the text config's moe_num_experts experts (Ernie4_5_VLMoeMoeBlock).
+_ERNIE_GROUP = ("config", "text_config", "moe_num_experts")
+_ERNIE_EXAMPLE_GROUP = 2  # the group size the example keys are traced with
+
+
 def _ernie(t: Any, src_stems: list[tuple[str, str, str]], dst_stems: list[tuple[str, str, str]],
-           stack_cap: str | None) -> list[str]:
+           stack_cap: str | None, tail: str, unit: _Unit) -> tuple[list[str], list[str], str]:
     """ErnieFuseAndSplitTextVisionExperts: the expert list of each source is cut into len(targets)
-    contiguous groups, each stacked, and the sources concatenated per group. Stacking and
-    concatenating first and cutting the stacked axis after gives the same tensors; convlens has no
-    tensor rule from several sources to several targets, so this goes through an intermediate
-    stem."""
+    contiguous groups, each stacked, and the sources concatenated per group. That is one fuse per
+    target over its group of experts: the first ``{e:int<N}``, the next ``{e+N}`` (N experts a
+    group, from the config). Returns the statements, one example key each (checked against
+    transformers' own op, which says which target an expert goes to) and a note."""
     op = next(o for o in t.operations if type(o).__name__ == "ErnieFuseAndSplitTextVisionExperts")
     assert stack_cap is not None
-    first = dst_stems[0][0]
-    prefix = re.match(r"\{[A-Za-z_0-9]+\*\}\.", first)
-    mid = (prefix.group(0) if prefix else "") + "convlens_merged_" + first.rpartition(".")[2]
+    if len(dst_stems) != 2:
+        raise _Unsupported(f"the Ernie op into {len(dst_stems)} groups (a middle group needs a "
+                           "bound on an expression capture)")
+    size = ".".join(_ERNIE_GROUP)
+    plain = "{" + stack_cap + ":int}"
+    forms = ["{" + stack_cap + ":int<" + size + "}", "{" + stack_cap + "+" + size + "}"]
     ops = [f"stack({stack_cap}, {op.stack_dim})"]
     if len(src_stems) > 1:
         ops.append(f"concat({op.concat_dim})")
-    src_ep = ", ".join(_q(s) for s, _, _ in src_stems) + _naming_text(src_stems[0][1])
-    one = f"fuse {src_ep}\n  -> {_q(mid)} naming param\n  by {', '.join(ops)}"
-    dst_ep = ", ".join(_q(s) for s, _, _ in dst_stems) + _naming_text(dst_stems[0][1])
-    two = (f"split {_q(mid)} naming param\n  -> {dst_ep}\n"
-           f"  by split({op.stack_dim}, parts={len(dst_stems)})")
-    return [one, two]
+    n = _ERNIE_EXAMPLE_GROUP
+    groups = _ernie_groups(op, len(src_stems), [d for d, _, _ in dst_stems], 2 * n)
+    statements, keys = [], []
+    for k, ((dst, naming, _), form) in enumerate(zip(dst_stems, forms, strict=True)):
+        srcs = [s.replace(plain, form) for s, _, _ in src_stems]
+        src_ep = ", ".join(_q(s) for s in srcs) + _naming_text(src_stems[0][1])
+        statements.append(f"fuse {src_ep}\n  -> {_q(dst)}{_naming_text(naming)}\n"
+                          f"  by {', '.join(ops)}")
+        index = k * n + 1  # the second expert of the group
+        key = _instantiate(src_stems[0][0].replace(plain, str(index)), [], tail)
+        keys.append(key)
+        first = t.target_patterns[0]
+        mine = t.target_patterns[groups[index]]
+        if mine != first:
+            unit.retarget[key] = (first, mine)
+    unit.given = ((_ERNIE_GROUP, n),)
+    note = (f"ErnieFuseAndSplitTextVisionExperts cuts the expert list into {len(dst_stems)} "
+            f"contiguous groups of ceil(E / {len(dst_stems)}) experts; here each group holds "
+            f"{size} experts (the text and the vision MoE both have that many), so a "
+            f"checkpoint must hold exactly {len(dst_stems)} x {size}")
+    return statements, keys, note
+
+
+def _ernie_groups(op: Any, n_sources: int, targets: list[str], experts: int) -> list[int]:
+    """Which target transformers' own op sends each expert to (by its values)."""
+    import torch
+
+    sources = [f"s{j}" for j in range(n_sources)]
+    names = [f"t{k}" for k in range(len(targets))]
+    inputs = {s: [torch.full((1, 1), float(e)) for e in range(experts)] for s in sources}
+    out = op.convert(inputs, source_patterns=sources, target_patterns=names, config=None)
+    where = [-1] * experts
+    for k, name in enumerate(names):
+        for value in out[name].flatten().tolist():
+            where[int(value)] = k
+    return where
 
 
 # --- the registry ---------------------------------------------------------------------------------
@@ -1193,16 +1286,13 @@ def _units(name: str, transforms: list[Any], keyset: set[str] | None) -> list[_U
             if getattr(t, "quantization_operation", None) is not None:
                 raise _Unsupported("carries a quantization operation")
             if cls == "LayerPairCollapse":
-                raise _Unsupported("LayerPairCollapse computes layer indices (2i, 2i+1 -> i) and "
-                                   "names from the index parity: convlens captures carry "
-                                   "indices unchanged (language gap: index arithmetic)")
-            if cls.endswith("IndexOffsetWeightRename"):
-                raise _Unsupported(f"the captured index is shifted by {t.offset} "
-                                   "(language gap: captures carry indices unchanged; an "
-                                   "offset capture such as {i:int+1} would be needed)")
-            if is_converter:
+                st, ex, notes = _layer_pair_statements(t)
+            elif cls.endswith("IndexOffsetWeightRename"):
+                st, ex, notes = _rename_statements(t, _Names, scope)
+                _shift_index(st, t.offset)
+            elif is_converter:
                 st, ex, notes, kind = _converter_statements(
-                    t, _Names, scope, siblings, naming_of)
+                    t, _Names, scope, siblings, naming_of, unit)
                 unit.kind = kind
             elif cls in ("WeightRenaming", "PrefixChange", "GroupWeightRename"):
                 st, ex, notes = _rename_statements(t, _Names, scope)
@@ -1232,8 +1322,12 @@ def _units(name: str, transforms: list[Any], keyset: set[str] | None) -> list[_U
 # --- assembling, validating --------------------------------------------------------------------
 
 
+_Given = tuple[tuple[tuple[str, ...], int], ...]
+_Expect = tuple[str, str, _Given]
+
+
 def _render(name: str, keys: Sequence[str], source: str, units: list[_Unit],
-            expects: list[tuple[str, str]]) -> tuple[str, dict[int, tuple[int, int]]]:
+            expects: list[_Expect]) -> tuple[str, dict[int, tuple[int, int]]]:
     """The text, and a map line -> (unit index, statement index)."""
     lines = _header(name, keys, source)
     owner: dict[int, tuple[int, int]] = {}
@@ -1254,9 +1348,12 @@ def _render(name: str, keys: Sequence[str], source: str, units: list[_Unit],
     if expects:
         lines.append("")
         lines.append("# transformers' own transforms map these keys the same way")
-        for a, b in expects:
+        for a, b, given in expects:
             lines.append(f"expect {_q(a)}")
             lines.append(f"    -> {_q(b)}")
+            if given:
+                lines.append("    with " + ", ".join(f"{'.'.join(path)} = {value}"
+                                                   for path, value in given))
     return "\n".join(lines) + "\n", owner
 
 
@@ -1341,7 +1438,7 @@ def _assemble(name: str, keys: Sequence[str], source: str, units: list[_Unit],
 
     path = f"<import {name}>"
     result = ImportResult(name, "")
-    expects: list[tuple[str, str]] = []
+    expects: list[_Expect] = []
     oracle = _Transformers(transforms) if validate else None
     by_index = {u.index: u for u in units}
     text = ""
@@ -1483,10 +1580,11 @@ def _compare_examples(units: list[_Unit], program: Any, oracle: _Transformers,
     inverse = program.inverse()
     live = {u.index for u in units if u.reason is None}
     for u, key in _live_examples(units):
-        want, tf_fired = oracle.rename(key)
+        want, tf_fired = _oracle_rename(oracle, u, key)
         if tf_fired - live:
             continue  # an untranslated transform renames it in transformers
-        fwd = trace_key(program, key)
+        config = _config_of(u.given)
+        fwd = trace_key(program, key, config)
         fired = _fired_units(fwd, owner)
         if fwd.note or not fwd.reaches(want):
             got = ", ".join(fwd.results) + (f" ({fwd.note})" if fwd.note else "")
@@ -1496,7 +1594,7 @@ def _compare_examples(units: list[_Unit], program: Any, oracle: _Transformers,
             culprit.reason = (f"on {key!r}{via} transformers gives {want!r}, the "
                               f"translation {got or 'nothing'}")
             return True
-        back = trace_key(inverse, want)
+        back = trace_key(inverse, want, config)
         if back.note or not back.reaches(key):
             got = ", ".join(back.results) + (f" ({back.note})" if back.note else "")
             theirs = oracle.revert(want)
@@ -1523,15 +1621,38 @@ def _compare_examples(units: list[_Unit], program: Any, oracle: _Transformers,
     return False
 
 
-def _expects(units: list[_Unit], oracle: _Transformers) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
+def _expects(units: list[_Unit], oracle: _Transformers) -> list[_Expect]:
+    out: list[_Expect] = []
     live = {u.index for u in units if u.reason is None}
     for u, key in _live_examples(units):
-        want, fired = oracle.rename(key)
-        pair = (key, want)
-        if fired <= live and pair not in out and key not in u.no_expect:
-            out.append(pair)
+        want, fired = _oracle_rename(oracle, u, key)
+        item = (key, want, u.given)
+        if fired <= live and item not in out and key not in u.no_expect:
+            out.append(item)
     return out
+
+
+def _oracle_rename(oracle: _Transformers, u: _Unit, key: str) -> tuple[str, frozenset[int]]:
+    """transformers' renaming of an example key, with the target its converter's op picks
+    where the renaming alone names the first target (the Ernie op)."""
+    want, fired = oracle.rename(key)
+    if key in u.retarget:
+        first, mine = u.retarget[key]
+        want = want.replace(first, mine, 1)
+    return want, fired
+
+
+def _config_of(given: _Given) -> dict[str, Any] | None:
+    """``with config.a.b = 2`` as a config dict."""
+    if not given:
+        return None
+    config: dict[str, Any] = {}
+    for path, value in given:
+        node = config
+        for part in path[1:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return config
 
 
 def _live_examples(units: list[_Unit]) -> Iterator[tuple[_Unit, str]]:
@@ -1553,7 +1674,7 @@ def _check(program: Any, schemes: bool) -> Any:
     from convlens.compiler.schemes import all_schemes
 
     body = "\n".join(f"{r.span.line}:{r.text}" for r in program.rules) + "\n" + "\n".join(
-        f"{e.src}->{e.dst}" for e in program.expects)
+        f"{e.src}->{e.dst} {e.config}" for e in program.expects)
     cache_key = (body, schemes)
     if cache_key not in _CHECK_CACHE:
         chosen = [sc for sc in all_schemes() if sc.quantized] if schemes else []

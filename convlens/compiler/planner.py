@@ -95,6 +95,7 @@ def _plan(program: Program, metas: Mapping[str, HasMeta], config: Mapping[str, A
     if unknown:
         raise ConversionError(f"unknown lossy policy {sorted(unknown)[0]!r}; policies: "
                               + ", ".join(O.POLICIES))
+    program = program.resolve(config)  # config values in patterns ({e+config.n})
     rules = list(program.rules)
     refs = [r.ref for r in rules]
     new_load = P.new_load  # Load(k, shape, dtype), without the frozen __init__ (300k keys)

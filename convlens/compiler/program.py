@@ -8,15 +8,17 @@ its inverse. ``Program.inverse()`` is the reversed list of inverted rules.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from convlens.compiler import ops as O
 from convlens.compiler.naming import NAMINGS, NamingKind
 from convlens.compiler.patterns import (
     CompiledPattern,
+    ConfigPath,
+    bind_domains,
     check_pattern,
     compile_guard_values,
     stems_overlap,
@@ -24,7 +26,14 @@ from convlens.compiler.patterns import (
 from convlens.compiler.plan import RuleRef
 from convlens.dsl import ast
 from convlens.dsl.formatter import format_statement
-from convlens.errors import ConvlensError, ErrorGroup, RuleError, Span, did_you_mean
+from convlens.errors import (
+    ConversionError,
+    ConvlensError,
+    ErrorGroup,
+    RuleError,
+    Span,
+    did_you_mean,
+)
 
 RuleKind = Literal["rename", "fuse", "split", "map", "drop", "restore"]
 _INVERSE_KIND: dict[RuleKind, RuleKind] = {
@@ -87,6 +96,22 @@ class Rule:
             derived=not self.derived,
         )
 
+    @property
+    def config_refs(self) -> tuple[ConfigPath, ...]:
+        """The config fields its patterns' offsets and bounds read (``{e+config.n}``)."""
+        refs = {r for p in self.src.patterns + self.dst.patterns for r in p.config_refs}
+        return tuple(sorted(refs))
+
+    def resolve(self, values: Mapping[ConfigPath, int]) -> Rule:
+        """The rule with its patterns resolved against the config's ``values``."""
+        if not self.config_refs:
+            return self
+
+        def side(e: Endpoint) -> Endpoint:
+            return replace(e, patterns=tuple(p.resolve(values) for p in e.patterns))
+
+        return replace(self, src=side(self.src), dst=side(self.dst))
+
     def describe(self) -> str:
         """The rule as text in its own direction (used by explain for derived inverses)."""
         def ep(e: Endpoint) -> str:
@@ -110,6 +135,7 @@ class Expectation:
     src: str
     dst: str
     span: Span
+    config: Mapping[str, Any] | None = None  # from ``with config.n = 4``: what patterns read
 
 
 @dataclass(frozen=True)
@@ -121,10 +147,35 @@ class Program:
     rules: tuple[Rule, ...]
     expects: tuple[Expectation, ...] = ()
     direction: Literal["forward", "inverse"] = "forward"
+    # resolved programs by the config values their patterns read (see resolve)
+    _resolved: dict[tuple[tuple[ConfigPath, int], ...], Program] = field(
+        default_factory=dict, init=False, compare=False, repr=False)
 
     def inverse(self) -> Program:
         return replace(self, rules=tuple(r.inverse() for r in reversed(self.rules)),
                        direction="inverse" if self.direction == "forward" else "forward")
+
+    def resolve(self, config: Mapping[str, Any] | None) -> Program:
+        """The program with the config's values in its patterns' offsets and bounds
+        (``{e+config.n}``, ``{e:int<config.n}``); itself if no pattern reads the config. A field
+        that is missing, or not a non-negative integer, is an error naming the rule and the
+        field."""
+        reading = [r for r in self.rules if r.config_refs]
+        if not reading:
+            return self
+        values: dict[ConfigPath, int] = {}
+        for rule in reading:
+            for path in rule.config_refs:
+                if path not in values:
+                    values[path] = _config_value(rule, path, config or {})
+        key = tuple(sorted(values.items()))
+        found = self._resolved.get(key)
+        if found is None:
+            found = replace(self, rules=tuple(r.resolve(values) for r in self.rules))
+            if len(self._resolved) > 64:
+                self._resolved.clear()
+            self._resolved[key] = found
+        return found
 
     def catch_all(self) -> Rule | None:
         """A rule whose result is any key at all (``rename "vision_model.{rest*}" ->
@@ -134,6 +185,23 @@ class Program:
             if r.kind == "rename" and not r.guards and _matches_anything(r.dst.patterns[0]):
                 return r
         return None
+
+
+def _config_value(rule: Rule, path: ConfigPath, config: Mapping[str, Any]) -> int:
+    """The value of a config field a rule's patterns read, as the static checks assume it:
+    a non-negative integer."""
+    field_name = ".".join(path)
+    where = ", ".join(repr(p.text) for p in rule.src.patterns + rule.dst.patterns
+                      if path in p.config_refs)
+    try:
+        value = O.eval_expr(ast.Ref(path), config)
+    except ConversionError as exc:
+        raise ConversionError(f"{exc.message}; the rule reads {field_name} in {where}",
+                              span=rule.span, rule=rule.ref.label) from None
+    if value < 0:
+        raise ConversionError(f"{field_name} is {value}; {where} needs a non-negative integer",
+                              span=rule.span, rule=rule.ref.label)
+    return value
 
 
 def _matches_anything(pattern: CompiledPattern) -> bool:
@@ -157,7 +225,7 @@ def compile_conversion(conv: ast.Conversion, load_include: Loader | None = None)
     for st in statements:
         if isinstance(st, ast.Expect):
             if st.span.path == conv.path or st.span.path == "<none>":
-                expects.append(Expectation(st.src, st.dst, st.span))
+                expects.append(Expectation(st.src, st.dst, st.span, _given(st.given)))
             continue
         try:
             rule = _compile_rule(st, errors)
@@ -173,6 +241,19 @@ def compile_conversion(conv: ast.Conversion, load_include: Loader | None = None)
         raise ErrorGroup(errors)
     return Program(conv.name, conv.path, conv.model_types, conv.architectures, tuple(rules),
                    tuple(expects))
+
+
+def _given(settings: tuple[tuple[tuple[str, ...], int], ...]) -> dict[str, Any] | None:
+    """``with config.text_config.n = 4`` as the config dict it stands for."""
+    if not settings:
+        return None
+    config: dict[str, Any] = {}
+    for path, value in settings:
+        node = config
+        for part in path[1:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return config
 
 
 def _inline_includes(conv: ast.Conversion, load: Loader | None, errors: list[ConvlensError],
@@ -211,6 +292,24 @@ def _endpoint(ep: ast.Endpoint, errors: list[ConvlensError]) -> Endpoint:
         errors += check_pattern(p)
     return Endpoint(tuple(CompiledPattern(p) for p in ep.patterns), cast(NamingKind, naming),
                     ep.axes, ep.span)
+
+
+def _with_domains(src: Endpoint, dst: Endpoint, errors: list[ConvlensError]
+                  ) -> tuple[Endpoint, Endpoint]:
+    """Both sides with the rule's range of each integer capture (its bound and every form it
+    takes), so that whichever side is matched, the capture ranges over the same values."""
+    sources = [p.source for p in src.patterns + dst.patterns]
+    if not any(c.kind == "int" and (c.expr is not None or c.bound is not None)
+               for p in sources for c in p.captures().values()):
+        return src, dst
+    found: list[RuleError] = []
+    domains = bind_domains(sources, found)
+    errors += found
+
+    def side(e: Endpoint) -> Endpoint:
+        return replace(e, patterns=tuple(CompiledPattern(p.source, domains) for p in e.patterns))
+
+    return side(src), side(dst)
 
 
 def _captures(ep: Endpoint, errors: list[ConvlensError]) -> dict[str, ast.Capture]:
@@ -276,6 +375,7 @@ def _compile_rename(st: ast.Rename, text: str, errors: list[ConvlensError]) -> R
     src, dst = _endpoint(st.src, errors), _endpoint(st.dst, errors)
     if not (_one_pattern(st.src, "rename", errors) and _one_pattern(st.dst, "rename", errors)):
         return None
+    src, dst = _with_domains(src, dst, errors)
     sc, dc = src.patterns[0].captures, dst.patterns[0].captures
     if set(sc) != set(dc):
         errors.append(RuleError(
@@ -296,6 +396,7 @@ def _compile_drop(st: ast.Drop, text: str, errors: list[ConvlensError]) -> Rule 
     target, source = _endpoint(st.target, errors), _endpoint(st.source, errors)
     if not (_one_pattern(st.target, "drop", errors) and _one_pattern(st.source, "drop", errors)):
         return None
+    target, source = _with_domains(target, source, errors)
     tc, sc = target.patterns[0].captures, source.patterns[0].captures
     if set(tc) != set(sc):
         errors.append(RuleError(
@@ -320,10 +421,11 @@ def _compile_tensor_rule(st: ast.Fuse | ast.Split | ast.Map, text: str,
     if kind in ("fuse", "map") and len(dst.patterns) != 1:
         errors.append(RuleError(f"{kind} makes one tensor, got {len(dst.patterns)} targets",
                                 span=st.dst.span, hint="use split for one -> many"))
+    src, dst = _with_domains(src, dst, errors)
     for side in (src, dst):
         for i, a in enumerate(side.patterns):
             for b in side.patterns[i + 1:]:
-                if a.text == b.text or stems_overlap(a.source, b.source):
+                if a.text == b.text or stems_overlap(a, b):
                     errors.append(RuleError(
                         f"patterns {a.text!r} and {b.text!r} can match the same key, so a tensor "
                         "could belong to either part", span=b.span))
@@ -540,9 +642,9 @@ def check_order(rules: list[Rule]) -> list[ConvlensError]:
             b = rules[j]
             for pa in a.src.patterns:
                 for pb in b.src.patterns:
-                    if not stems_overlap(pa.source, pb.source):
+                    if not stems_overlap(pa, pb):
                         continue
-                    if any(stems_overlap(q, pb.source) for q in _results(a)):
+                    if any(stems_overlap(q, pb) for q in _results(a)):
                         continue  # a's result still reaches b: a chain, which is ordered on purpose
                     if a.guards or b.guards:
                         continue  # guards decide; the overlap may be excluded
@@ -554,14 +656,15 @@ def check_order(rules: list[Rule]) -> list[ConvlensError]:
     return errors
 
 
-def _results(rule: Rule) -> list[ast.Pattern]:
+def _results(rule: Rule) -> list[CompiledPattern]:
     """Stems a rule's output keys can show a later rule: its targets, and for a rename of
     every key (a prefix removed: ``new.{s}`` -> ``{s}``), which keeps each key's leaves, any
     stem at all (``{s}`` still reaches ``{p*}.attn_ln``)."""
-    out = [q.source for q in rule.dst.patterns]
+    out = list(rule.dst.patterns)
     if rule.kind == "rename" and not rule.guards and _matches_anything(rule.dst.patterns[0]):
         more = ast.Capture("convlens_leaves", "many")
-        out += [ast.Pattern(q.text + ".{convlens_leaves*}", (*q.segments, (more,)), q.span)
+        out += [CompiledPattern(ast.Pattern(q.text + ".{convlens_leaves*}",
+                                            (*q.source.segments, (more,)), q.span), q.domains)
                 for q in out]
     return out
 

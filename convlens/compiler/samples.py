@@ -116,6 +116,7 @@ def config_refs(program: Program) -> set[tuple[str, ...]]:
                 value = getattr(op, name, None)
                 for e in value if isinstance(value, tuple) else (value,):
                     walk(e)
+        refs.update(path[1:] for path in rule.config_refs)  # {e+config.n}, {e:int<config.n}
     return refs
 
 
@@ -133,6 +134,30 @@ def _token(rng: random.Random) -> str:
     return "t" + "".join(rng.choice("0123456789") for _ in range(2))
 
 
+def _int_range(rule: Rule, name: str) -> tuple[int, int | None]:
+    """The range ``lo <= value < hi`` of an integer capture of a resolved rule (every pattern of
+    a rule gives a capture the same range; 0 and no bound without arithmetic)."""
+    for p in rule.src.patterns + rule.dst.patterns:
+        if p.forms is not None and name in p.forms:
+            f = p.forms[name]
+            return f.lo, f.hi
+    return 0, None
+
+
+def _counts(rule: Rule, rng: random.Random) -> dict[str, int]:
+    """How many members each stacked (or unstacked) capture gets: 1 to 3, within its range,
+    whose low end must be 0 (stack places index e at e, from 0)."""
+    out = {}
+    for c in rule.stacked + rule.unstacked:
+        lo, hi = _int_range(rule, c)
+        if lo > 0 or hi == 0:
+            raise SampleError(f"{rule.ref.label}: {{{c}}} ranges over {lo} <= {c}"
+                              + (f" < {hi}" if hi is not None else "")
+                              + ", so it cannot index experts 0..E-1")
+        out[c] = rng.randint(1, 3 if hi is None else min(3, hi))
+    return out
+
+
 def _capture_values(rule: Rule, rng: random.Random, ints: dict[str, int]) -> dict[str, str]:
     caps: dict[str, ast.Capture] = {}
     for p in rule.src.patterns + rule.dst.patterns:
@@ -143,9 +168,13 @@ def _capture_values(rule: Rule, rng: random.Random, ints: dict[str, int]) -> dic
         if name in ints:
             out[name] = str(ints[name])
             continue
+        lo, hi = _int_range(rule, name) if cap.kind == "int" else (0, None)
+        if hi is not None and hi <= lo:
+            raise SampleError(f"{rule.ref.label}: no value of {{{name}}} lies in {lo} <= {name} "
+                              f"< {hi}")
         for _ in range(50):
             if cap.kind == "int":
-                value = str(rng.randint(0, 12))
+                value = str(rng.randint(lo, lo + 12 if hi is None else min(lo + 12, hi - 1)))
             elif cap.kind == "many":
                 value = ".".join(_token(rng) for _ in range(rng.randint(1, 2)))
             else:
@@ -259,7 +288,7 @@ def _fusing(rule: Rule) -> tuple[Rule, bool]:
 
 def sample_rule(program: Program, index: int, rng: random.Random, config: dict[str, Any],
                 fill: Iterator[int], scheme: Scheme = PLAIN) -> Sample:
-    rule = program.rules[index]
+    rule = program.rules[index].resolve(_values(program.rules[index], config))
     prelude = [r.inverse() for r in reversed(program.rules[:index])]
     metas: dict[str, TensorMeta] = {}
     fills: dict[str, int] = {}
@@ -277,7 +306,7 @@ def sample_rule(program: Program, index: int, rng: random.Random, config: dict[s
     gen, inverted = _fusing(rule)
     if inverted:
         prelude = [rule.inverse(), *prelude]
-    counts = {c: rng.randint(1, 3) for c in gen.stacked + gen.unstacked}
+    counts = _counts(gen, rng)
     quanta = _quanta(scheme)
     last: SampleError | None = None
     ranks = [len(gen.src.axes)] if gen.src.axes else [2, 3] if scheme.quantized else [2, 3, 5]
@@ -331,6 +360,17 @@ def sample_rule(program: Program, index: int, rng: random.Random, config: dict[s
                     elif combined - carried:
                         fills[key] = common.setdefault((group, name, idx), fills[key])
     return Sample(rule, metas, fills, prelude, consts)
+
+
+def _values(rule: Rule, config: dict[str, Any]) -> dict[tuple[str, ...], int]:
+    """The config's values of the fields a rule's patterns read (sample_config made them)."""
+    out = {}
+    for path in rule.config_refs:
+        node: Any = config
+        for part in path[1:]:
+            node = node[part]
+        out[path] = node
+    return out
 
 
 def _value(text: str) -> str | int | bool:

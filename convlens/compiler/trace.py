@@ -9,10 +9,14 @@ result depends on values the key does not carry (indices made by ``unstack``), t
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from convlens.compiler.naming import key_for, owns, role_of
+from convlens.compiler.patterns import NeedsConfig
 from convlens.compiler.program import Program, Rule
+from convlens.errors import ConversionError
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,16 @@ def _template(result: str) -> re.Pattern[str]:
 
 def _step(rule: Rule, key: str) -> Step | str | None:
     """What ``rule`` does to ``key``: a Step, None (no match) or why it cannot be followed."""
+    try:
+        return _follow(rule, key)
+    except NeedsConfig as exc:
+        setting = " = N, ".join(".".join(r) for r in rule.config_refs) + " = N"
+        return f"{rule.ref.label}: {exc.message} (an expect gives it: with {setting})"
+    except ConversionError as exc:  # a capture out of its range on the other side
+        return f"{rule.ref.label}: {exc.message}"
+
+
+def _follow(rule: Rule, key: str) -> Step | str | None:
     for pat in rule.src.patterns:
         m = pat.match(key)
         if m is None or not all(g.allows(m.captures) for g in rule.guards):
@@ -81,8 +95,12 @@ def _step(rule: Rule, key: str) -> Step | str | None:
     return None
 
 
-def trace_key(program: Program, key: str) -> Trace:
-    """Follow ``key`` through every rule of ``program``, by name."""
+def trace_key(program: Program, key: str, config: Mapping[str, Any] | None = None) -> Trace:
+    """Follow ``key`` through every rule of ``program``, by name. ``config`` gives the values
+    of the config fields that patterns read (``{e+config.n}``); without it, a key that reaches
+    such a rule stops there with a note."""
+    if config is not None:
+        program = program.resolve(config)
     steps: list[Step] = []
     current = [key]
     for rule in program.rules:

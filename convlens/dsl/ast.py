@@ -32,12 +32,15 @@ class Literal:
 
 @dataclass(frozen=True)
 class Capture:
-    """``{name}`` (text inside one segment), ``{name*}`` (one or more whole segments) or
-    ``{name:int}`` (digits)."""
+    """``{name}`` (text inside one segment), ``{name*}`` (one or more whole segments),
+    ``{name:int}`` (digits), ``{name:int<BOUND}`` (an integer below BOUND) or an expression
+    capture ``{2*name+1}`` (kind ``int``: the segment holds ``expr``'s value for the capture)."""
 
     name: str
     kind: CaptureKind
     column: int = field(default=0, compare=False)  # offset inside the pattern string
+    expr: Expr | None = None  # {2*i+1}: linear in the capture, positive whole coefficient
+    bound: Expr | None = None  # {e:int<config.n}: a number or config expression
 
 
 Piece = Literal | Capture
@@ -196,11 +199,13 @@ class Include:
 
 @dataclass(frozen=True)
 class Expect:
-    """``expect "hub key" -> "memory key"``: a test that ``convlens check`` runs both ways."""
+    """``expect "hub key" -> "memory key"``: a test that ``convlens check`` runs both ways.
+    ``with config.n = 4, ...`` gives the config values that patterns read (``{e+config.n}``)."""
 
     src: str
     dst: str
     span: Span = _span()
+    given: tuple[tuple[tuple[str, ...], int], ...] = ()  # ((("config", "n"), 4), ...)
 
 
 TensorRule = Fuse | Split | Map

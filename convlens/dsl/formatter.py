@@ -60,7 +60,11 @@ def format_statement(st: ast.Statement) -> str:
     if isinstance(st, ast.Include):
         return f"include {st.name}"
     if isinstance(st, ast.Expect):
-        return f"expect {_string(st.src)}\n    -> {_string(st.dst)}"
+        text = f"expect {_string(st.src)}\n    -> {_string(st.dst)}"
+        if st.given:
+            text += "\n    with " + ", ".join(f"{'.'.join(path)} = {value}"
+                                              for path, value in st.given)
+        return text
     lines: list[str]
     if isinstance(st, ast.Rename):
         lines = [f"rename {format_endpoint(st.src)}", f"  -> {format_endpoint(st.dst)}"]

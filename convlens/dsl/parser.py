@@ -13,14 +13,14 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.visitors import Transformer_NonRecursive
 
 from convlens.dsl import ast
-from convlens.dsl.patterns import parse_pattern
+from convlens.dsl.patterns import MAX_EXPR_DEPTH, MAX_INT, parse_pattern
 from convlens.errors import ConvlensError, RuleError, RuleSyntaxError, Span
 
 # Limits on hostile input: each is far above what a real file needs and keeps the later stages
 # (compiler, formatter, evaluation: recursive over expressions, quadratic over rules) bounded.
+# MAX_EXPR_DEPTH (operators nested in one expression) and MAX_INT (a number in a rule or scheme
+# file) come from convlens.dsl.patterns, which reads expressions inside patterns too.
 MAX_STATEMENTS = 10_000  # statements of one file
-MAX_EXPR_DEPTH = 100  # operators nested in one expression (a chain a + b + ... nests too)
-MAX_INT = 2**63 - 1  # a number in a rule or scheme file
 
 # What the lexer would read as a statement keyword: strings and comments are skipped, and a
 # keyword counts when a pattern (or, for include, a name) follows, which op names never have.
@@ -73,6 +73,12 @@ SYNTAX_EXAMPLES: dict[str, list[str]] = {
     "'expect' takes two quoted keys: expect \"hub key\" -> \"memory key\"": [
         "conversion x\nexpect a -> b",
         'conversion x\nexpect "a" "b"',
+    ],
+    "'with' gives an expect the config values its patterns read: with config.num_experts = 4": [
+        'conversion x\nexpect "a" -> "b" with config.n 4',
+        'conversion x\nexpect "a" -> "b" with config.n = x',
+        'conversion x\nexpect "a" -> "b" with config.n = 4 config.m = 2',
+        'conversion x\nexpect "a" -> "b" with',
     ],
 }
 
@@ -340,8 +346,26 @@ class _Builder(Transformer_NonRecursive[Token, Any]):  # deep expressions: no re
 
     @v_args(meta=True)
     def expect(self, meta: Any, children: list[Any]) -> ast.Expect:
+        given = children[2] if len(children) > 2 and children[2] is not None else ()
         return ast.Expect(src=self._string(children[0]), dst=self._string(children[1]),
-                          span=self._span(meta))
+                          span=self._span(meta), given=given)
+
+    def given(self, children: list[Any]) -> tuple[tuple[tuple[str, ...], int], ...]:
+        seen: set[tuple[str, ...]] = set()
+        for path, _, span in children:
+            if path in seen:
+                raise RuleError(f"{'.'.join(path)} is given twice", span=span)
+            seen.add(path)
+        return tuple((path, value) for path, value, _ in children)
+
+    @v_args(meta=True)
+    def setting(self, meta: Any, children: list[Token]) -> tuple[tuple[str, ...], int, Span]:
+        path = tuple(str(c) for c in children[:-1])
+        span = self._span(meta)
+        if path[0] != "config" or len(path) < 2:
+            raise RuleError(f"{'.'.join(path)!r}: an expect sets config fields, like "
+                            "config.num_experts = 4", span=span)
+        return path, self._int(children[-1]), span
 
     @v_args(meta=True)
     def op(self, meta: Any, children: list[Any]) -> ast.Op:

@@ -105,7 +105,7 @@ def test_format_then_parse_gives_the_same_ast_for_all_forms() -> None:
 names = st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True).filter(
     lambda s: s not in {"conversion", "for", "rename", "fuse", "split", "map", "drop", "include",
                         "expect", "naming", "axes", "by", "on", "where", "unless", "in",
-                        "restore", "from"})
+                        "restore", "from", "with", "config"})
 literal_segments = st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True)
 
 
@@ -113,8 +113,11 @@ literal_segments = st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True)
 def patterns(draw: st.DrawFn, caps: tuple[str, ...]) -> str:
     segs = [draw(literal_segments) for _ in range(draw(st.integers(1, 3)))]
     for i, c in enumerate(caps):
-        kind = draw(st.sampled_from(["", "*", ":int"]))
-        segs.insert(min(2 * i, len(segs)), "{" + c + kind + "}")
+        # plain, segments, int, bounded int, or an expression capture (integer arithmetic)
+        kind = draw(st.sampled_from(["", "*", ":int", ":int<4", ":int<config.n*2",
+                                     "=2*{}+1", "={}+config.n", "=( {} - 1 )"]))
+        text = kind[1:].format(c) if kind.startswith("=") else c + kind
+        segs.insert(min(2 * i, len(segs)), "{" + text + "}")
     # keep multi-segment captures apart
     return ".".join(segs)
 
@@ -137,7 +140,9 @@ def statements(draw: st.DrawFn) -> str:
     if kind == "include":
         return f"include {draw(names)}"
     if kind == "expect":
-        return f'expect "{draw(literal_segments)}.a" -> "{draw(literal_segments)}.b"'
+        given = draw(st.sampled_from(["", " with config.n = 4",
+                                      " with config.a.b = 0, config.c = 7"]))
+        return f'expect "{draw(literal_segments)}.a" -> "{draw(literal_segments)}.b"{given}'
     caps = tuple(draw(st.lists(names, max_size=2, unique=True)))
     a, b = draw(patterns(caps)), draw(patterns(caps))
     naming = draw(st.sampled_from(["", " naming param", " naming flat", " naming module"]))

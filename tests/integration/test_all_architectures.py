@@ -86,13 +86,13 @@ GAPS: dict[str, str] = {
                  "parameter shapes; no config expression gives them",
     "qwen4_exp_text": "a '.*' inside a segment (it could span dots): segment-aware patterns have "
                       "no such wildcard",
-    "dory": "index arithmetic on captures: LayerPairCollapse maps layers 2i, 2i+1 to layer i",
-    "inkling2_text": "index arithmetic on captures: Inkling2IndexOffsetWeightRename shifts the "
-                     "layer index by 1; also InklingNUnpadVocab, a custom tensor op",
-    "inkling2": "index arithmetic on captures (Inkling2IndexOffsetWeightRename, +1)",
-    **{k: "index arithmetic on captures (Inkling2IndexOffsetWeightRename, +1); custom tensor ops "
-          "(Inkling2UnpadVocab, Inkling2LoopMergeMessageQueries); converters whose sources name "
-          "tensors differently (module .weight vs a bare parameter)"
+    "inkling2_text": "Inkling2TextForCausalLM: Inkling2UnpadVocab, a custom tensor op, on its head "
+                     "(the rule file serves Inkling2TextModel)",
+    "inkling2": "Inkling2ForConditionalGeneration: Inkling2UnpadVocab, a custom tensor op, on its "
+                "head (the rule file serves Inkling2Model)",
+    **{k: "custom tensor ops (Inkling2UnpadVocab, Inkling2LoopMergeMessageQueries, "
+          "Inkling2LoopDequantizeExperts); converters whose sources name tensors differently "
+          "(module .weight vs a bare parameter)"
        for k in ("inkling2_loop", "inkling2_loop_text")},
     "ernie4_5_vl_moe": "many-to-many tensor rule: ErnieFuseAndSplitTextVisionExperts stacks the "
                        "experts and splits them into text and vision experts",

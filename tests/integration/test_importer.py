@@ -77,18 +77,39 @@ def test_count_summary(everything: dict[str, ImportResult]) -> None:
     for name in ("mixtral", "qwen2_moe", "qwen3_moe", "llava", "Qwen2VLForConditionalGeneration",
                  "nomic_bert", "qwen3_vl_moe"):
         assert everything[name].complete, (name, everything[name].untranslatable)
-    # what cannot be expressed is reported, with the construct named
+    # index arithmetic (LayerPairCollapse, the index offset, the Ernie op) is translated
+    assert everything["dory"].complete, everything["dory"].untranslatable
     reasons = {u.reason for r in everything.values() for u in r.untranslatable}
-    assert any("index" in r and "offset" in r for r in reasons)  # Inkling2IndexOffsetWeightRename
-    assert any("LayerPairCollapse" in r for r in reasons)
+    assert not any("gap" in r or "offset" in r or "LayerPairCollapse" in r for r in reasons)
+    assert not any("Ernie" in u.item for r in everything.values() for u in r.untranslatable)
+    # what cannot be expressed is reported, with the construct named
     assert any("custom tensor operation" in r for r in reasons)
 
 
 def test_untranslated_transforms_are_comments_in_the_text(
         everything: dict[str, ImportResult]) -> None:
-    result = everything["dory"]
-    assert "# UNTRANSLATED: LayerPairCollapse" in result.text
-    assert "# transformers: WeightRenaming('^backbone\\\\.' -> 'model.')" in result.text
+    result = everything["inkling2_text"]
+    assert "# UNTRANSLATED: Inkling2UnpadVocab has no convlens op" in result.text
+    assert ("# transformers: WeightRenaming('attn_res\\\\.output_query' -> 'final_input.query')"
+            in result.text)
+
+
+def test_index_arithmetic_is_translated(everything: dict[str, ImportResult]) -> None:
+    dory = everything["dory"].text
+    assert 'rename "{p*}.layers.{2*i+1}.mixer" -> "{p*}.layers.{i:int}.mlp"' in dory
+    assert 'expect "x.0.layers.3.mixer.weight"\n    -> "x.0.layers.1.mlp.weight"' in dory
+    offset = everything["inkling2_text"].text
+    assert ('rename "{p*}.attn_res.attn_queries.{i:int}" -> '
+            '"{p*}.layers.{i+1}.attention_input.query"') in offset
+    ernie = everything["ernie4_5_vl_moe"].text
+    n = "config.text_config.moe_num_experts"
+    assert (f'fuse "{{p*}}.experts.{{e+{n}}}.gate_proj", "{{p*}}.experts.{{e+{n}}}.up_proj"\n'
+            '  -> "{p*}.vision_moe.experts.gate_up_proj" naming param\n'
+            '  by stack(e, 0), concat(1)') in ernie
+    assert f'fuse "{{p*}}.experts.{{e:int<{n}}}.down_proj"' in ernie
+    # the target of each example expert comes from transformers' own op
+    assert ('expect "x.0.experts.3.gate_proj.weight"\n    -> "x.0.vision_moe.experts.gate_up_proj"'
+            f'\n    with {n} = 2') in ernie
 
 
 def test_lookarounds_become_guards() -> None:
@@ -119,10 +140,10 @@ def test_cli_import_transformers(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["import-transformers", "mixtral", "-o", str(tmp_path)]) == 0
     assert main(["check", "--schemes", "none", str(tmp_path / "mixtral.conv")]) == 0
     capsys.readouterr()
-    assert main(["import-transformers", "dory"]) == 0
+    assert main(["import-transformers", "inkling2_text"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("# Imported by convlens import-transformers")
-    assert "untranslated: LayerPairCollapse" in captured.err
+    assert "untranslated: WeightConverter('lm_head" in captured.err
     with pytest.raises(SystemExit):
         main(["import-transformers"])
 
