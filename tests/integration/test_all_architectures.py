@@ -62,6 +62,13 @@ NOT_HUB_ON_SAVE = {
     "ultrabert_masked_lm": "transformers' save does not reverse its '^cls\\.' -> 'head.decoder.' "
                            "renaming: save_pretrained writes head.decoder.* (which it also "
                            "loads), not the hub's cls.*",
+    "dots3_note": "the published layout made here applies the bare Dots3NoteModel's "
+                  "PrefixChange(prefix_to_remove='model'), which transformers scopes under the "
+                  "composite's model., in reverse to every key: model.model.*, model.lm_head.* "
+                  "and model.vision_encoder.* for the per-expert keys, a layout no checkpoint "
+                  "has; transformers' own save (model.{embed_tokens,layers,norm}, lm_head, "
+                  "vision_encoder.*, audio_encoder.*) is the hub layout, which dots3_note.conv "
+                  "maps both ways bit-exact",
 }
 # Why a mapping is not served, by registry key (model type or class name): a language gap of
 # convlens (named as such in the reason), or transformers behaviour that depends on the model's
