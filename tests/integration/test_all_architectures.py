@@ -101,8 +101,6 @@ GAPS: dict[str, str] = {
           "Inkling2LoopDequantizeExperts); converters whose sources name tensors differently "
           "(module .weight vs a bare parameter)"
        for k in ("inkling2_loop", "inkling2_loop_text")},
-    "ernie4_5_vl_moe": "many-to-many tensor rule: ErnieFuseAndSplitTextVisionExperts stacks the "
-                       "experts and splits them into text and vision experts",
     "deepseek_v4": "DeepseekV4ForCausalLM: transformers leaves model.norm alone where its "
                    "'\\.norm\\.' -> '.kv_norm.' renaming (the rule '{p*}.norm' -> '{p*}.kv_norm') "
                    "matches it; the rule file serves DeepseekV4Model only (deepseek_v4.conv)",
