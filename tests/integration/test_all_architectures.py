@@ -300,7 +300,12 @@ def _build(cls: str, tmp: Path) -> Built:
                  aliases=aliases)
 
 
+# A class's tiny model is built once for its two tests and dropped after the second
+# (tests/integration/conftest.py runs them one after the other): keeping every built model
+# for the whole run grew the suite to ~20 GB of memory. A test run alone builds it again.
 _CACHE: dict[str, Built] = {}
+_LEFT: dict[str, int] = {}
+TESTS_PER_CLASS = 2
 
 
 @pytest.fixture
@@ -308,7 +313,9 @@ def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     cls = request.param
     if cls not in _CACHE:
         _CACHE[cls] = _build(cls, tmp_path_factory.mktemp(cls))
-    return _CACHE[cls]
+        _LEFT[cls] = TESTS_PER_CLASS
+    _LEFT[cls] -= 1
+    return _CACHE[cls] if _LEFT[cls] else _CACHE.pop(cls)
 
 
 def _diff(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> list[str]:
