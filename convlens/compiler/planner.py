@@ -275,13 +275,16 @@ def _tensor_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[
                 _put(out, item, state[item], rule)  # raises: a second writer
             out[item] = state[item]
             continue
-        for key, node in _build_group(rule, index, groups[item], config, policies):
-            if key in out:
+        results = _build_group(rule, index, groups[item], config, policies)
+        # one C-level update per group (an unstack makes hundreds of keys): a collision, inside
+        # the group or with a key already out, is found again one by one for its message
+        new = dict(results)
+        if len(new) != len(results) or not out.keys().isdisjoint(new):
+            for key, node in results:
                 _put(out, key, node, rule)  # raises: a second writer
-            out[key] = node
-            if isinstance(node, P.Load):  # _mark, inlined
-                touched.add(node.key)
-            made += 1
+        out.update(new)
+        touched.update([n.key for n in new.values() if n.__class__ is P.Load])  # _mark
+        made += len(new)
     if made:
         counts[index] = counts.get(index, 0) + made
     return out
@@ -356,20 +359,24 @@ def _build_group(rule: Rule, index: int, group: _Group, config: Mapping[str, Any
     results: list[tuple[str, P.Node]] = []
     axes_ok: set[Any] = set()
     naming = rule.dst.naming
+    module = naming == "module"  # key_for(stem, role, "module"), inlined below
+    meta_sorted = sorted(meta_roles)
     for i, (stream, pattern) in enumerate(zip(streams, rule.dst.patterns, strict=True)):
         family = stream.captures
+        # one dict per stream: every member overwrites the same family captures
+        caps = dict(group.captures)
+        fmt = pattern.format
         for idx, value in stream.members.items():
             if value.axes not in axes_ok:  # _check_axes returns at once for axes seen ok
                 _check_axes(rule, ctx, value, axes_ok)
-            caps = dict(group.captures)
             for c, n in zip(family, idx, strict=True):
                 caps[c] = str(n)
-            stem = pattern.format(caps)
+            stem = fmt(caps)
             for role, rv in value.roles.items():
                 # _stored gives the node itself when the role has no view
-                results.append((key_for(stem, role, naming),
+                results.append((f"{stem}.{role}" if module else key_for(stem, role, naming),
                                 rv.node if rv.view is None else _stored(value, rv, index)))
-            for role in sorted(meta_roles):
+            for role in meta_sorted:
                 dtype = value.scheme.roles[role].dtype or "I64"
                 const = P.Const(value.shape, (len(value.shape),), dtype, index)
                 results.append((key_for(stem, role, rule.dst.naming), const))
