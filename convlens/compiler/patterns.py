@@ -32,7 +32,7 @@ import fnmatch
 import itertools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -686,6 +686,18 @@ class KeyMatcher:
         self.cache: dict[str, Any] = {}
         self.quick: dict[bytes, Any] = {}  # fingerprint -> the entry of its template
         self.literals = tuple(_literals(p) for p in patterns)
+
+    def candidates(self, keys: Iterable[str]) -> list[str]:
+        """The keys, in order, that hold the longest literal of some pattern: a superset of the
+        keys :meth:`match` can accept (it needs every literal of a pattern), found with one
+        substring test per key and pattern instead of a call per key."""
+        needles = {max(lits, key=len) for lits in self.literals if lits}
+        if len(needles) < len(self.literals) and any(not lits for lits in self.literals):
+            return list(keys)  # a pattern with no literal text: any key may match
+        if len(needles) == 1:
+            needle = next(iter(needles))
+            return [k for k in keys if needle in k]
+        return [k for k in keys if any(n in k for n in needles)]
 
     def _slow(self, key: str) -> tuple[int, Match] | None:
         for j, pat in enumerate(self.patterns):

@@ -157,20 +157,28 @@ def _rename_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[
                  counts: dict[int, int]) -> dict[str, P.Node]:
     dst = rule.dst.patterns[0]
     matcher = KeyMatcher(rule.src.patterns)
-    out: dict[str, P.Node] = {}
-    hits = 0
-    for key, node in state.items():
+    guards = rule.guards
+    renamed: dict[str, str] = {}
+    # most keys lack the rule's literal text: one substring test each, then the matcher
+    for key in matcher.candidates(state):
         hit = matcher.match(key)
-        m = hit[1] if hit is not None else None
-        if m is None or (rule.guards and not all(g.allows(m.captures) for g in rule.guards)):
-            _put(out, key, node, rule)
+        if hit is None:
             continue
-        new = _rekey(rule, dst.format(m.captures), m.tail, key)
-        _put(out, new, node, rule)
-        _mark(touched, node)
-        hits += 1
-    if hits:
-        counts[index] = counts.get(index, 0) + hits
+        m = hit[1]
+        if guards and not all(g.allows(m.captures) for g in guards):
+            continue
+        renamed[key] = _rekey(rule, dst.format(m.captures), m.tail, key)
+    if not renamed:
+        return dict(state)
+    get = renamed.get
+    out = {get(k, k): node for k, node in state.items()}  # in order, renamed keys in place
+    if len(out) != len(state):  # two keys onto one: found again one by one for the message
+        out = {}
+        for key, node in state.items():
+            _put(out, get(key, key), node, rule)
+    for key in renamed:
+        _mark(touched, state[key])
+    counts[index] = counts.get(index, 0) + len(renamed)
     return out
 
 
