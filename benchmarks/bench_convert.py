@@ -766,6 +766,7 @@ def run_plan(src: Path | None, rules: str, direction: str, repeats: int,
     times = []
     plan = None
     for _ in range(repeats):
+        plan = None  # the previous run's plan is freed here, not inside the next timing
         t0 = time.perf_counter()
         plan = conv.plan(metas, config, direction=direction)
         times.append(time.perf_counter() - t0)
