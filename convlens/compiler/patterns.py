@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 from convlens.compiler.naming import SUFFIX_ROLES
 from convlens.dsl.ast import BinOp, Capture, Expr, Int, Literal, Pattern, Ref, Segment
-from convlens.dsl.patterns import format_capture_expr
+from convlens.dsl.patterns import evaluate, format_capture_expr
 from convlens.errors import ConversionError, RuleError, Span
 
 _INT = r"(?:0|[1-9][0-9]*)"
@@ -279,22 +279,10 @@ def _config_refs(e: Expr) -> set[ConfigPath]:
 
 def _evaluate(e: Expr, name: str, value: int, values: Mapping[ConfigPath, int]) -> int:
     """An integer expression with the capture ``name`` set to ``value``."""
-    if isinstance(e, Int):
-        return e.value
-    if isinstance(e, Ref):
-        return value if e.path == (name,) else values[e.path]
-    assert isinstance(e, BinOp)
-    a = _evaluate(e.left, name, value, values)
-    b = _evaluate(e.right, name, value, values)
-    if e.op == "+":
-        return a + b
-    if e.op == "-":
-        return a - b
-    if e.op == "*":
-        return a * b
-    if b == 0:
+    found = evaluate(e, lambda path: value if path == (name,) else values[path])
+    if found is None:  # every reference has a value: only a division by zero gets here
         raise ConversionError(f"division by zero in {format_capture_expr(e)}", span=e.span)
-    return a // b
+    return found
 
 
 def _line(e: Expr | None, name: str, values: Mapping[ConfigPath, int]) -> tuple[int, int]:

@@ -224,14 +224,15 @@ def _linear(e: Expr, col: int, width: int, make: _Err) -> tuple[str | None, int]
     return None, 0
 
 
-def _number(e: Expr) -> int | None:
-    """The value of an expression of numbers only (None if it reads the config)."""
+def evaluate(e: Expr, lookup: Callable[[tuple[str, ...]], int | None]) -> int | None:
+    """The value of an integer expression whose references ``lookup`` gives (a capture's value,
+    a config field); None if ``lookup`` answers None for one of them or a division is by 0."""
     if isinstance(e, Int):
         return e.value
     if isinstance(e, Ref):
-        return None
+        return lookup(e.path)
     assert isinstance(e, BinOp)
-    a, b = _number(e.left), _number(e.right)
+    a, b = evaluate(e.left, lookup), evaluate(e.right, lookup)
     if a is None or b is None:
         return None
     if e.op == "+":
@@ -241,6 +242,11 @@ def _number(e: Expr) -> int | None:
     if e.op == "*":
         return a * b
     return a // b if b else None
+
+
+def _number(e: Expr) -> int | None:
+    """The value of an expression of numbers only (None if it reads the config)."""
+    return evaluate(e, lambda path: None)
 
 
 def _constant(e: Expr, what: str, span: Span, make: _Err) -> None:
