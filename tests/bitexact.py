@@ -25,3 +25,25 @@ def assert_bit_exact(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.T
         assert tuple(g.shape) == tuple(w.shape), (
             f"{what}: {k}: shape {list(g.shape)} != {list(w.shape)}")
         assert torch.equal(raw_bits(g), raw_bits(w)), f"{what}: {k}: bytes differ"
+
+
+def state_dict_diff(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]
+                    ) -> list[str]:
+    """Readable differences between two state dicts: missing and unexpected keys, then keys
+    whose shape, dtype or values differ (empty when equal)."""
+    lines = []
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing:
+        lines.append(f"{len(missing)} missing: {', '.join(missing[:8])}")
+    if extra:
+        lines.append(f"{len(extra)} unexpected: {', '.join(extra[:8])}")
+    bad = []
+    for k in sorted(set(got) & set(want)):
+        g, w = got[k], want[k]
+        if tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
+            bad.append(f"{k}: {list(g.shape)} {g.dtype} vs {list(w.shape)} {w.dtype}")
+        elif not torch.equal(g, w):
+            bad.append(f"{k}: values")
+    if bad:
+        lines.append(f"{len(bad)} differ: {'; '.join(bad[:8])}")
+    return lines

@@ -37,6 +37,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from bitexact import state_dict_diff  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -293,9 +294,9 @@ def _build(cls: str, tmp: Path) -> Built:
                      keys=keys)
     loaded = _state(loaded_model)
     aliases += _aliases(loaded_model)
-    if _diff(loaded, memory):
+    if state_dict_diff(loaded, memory):
         return Built(cls, skip=f"transformers does not load {what} back to the model: "
-                               + "; ".join(_diff(loaded, memory))[:300], keys=keys)
+                               + "; ".join(state_dict_diff(loaded, memory))[:300], keys=keys)
     return Built(cls, memory=memory, hub=hub, loaded=loaded, config=config, keys=keys, note=note,
                  aliases=aliases)
 
@@ -316,25 +317,6 @@ def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         _LEFT[cls] = TESTS_PER_CLASS
     _LEFT[cls] -= 1
     return _CACHE[cls] if _LEFT[cls] else _CACHE.pop(cls)
-
-
-def _diff(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> list[str]:
-    lines = []
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing:
-        lines.append(f"{len(missing)} missing: {', '.join(missing[:8])}")
-    if extra:
-        lines.append(f"{len(extra)} unexpected: {', '.join(extra[:8])}")
-    bad = []
-    for k in sorted(set(got) & set(want)):
-        g, w = got[k], want[k]
-        if tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
-            bad.append(f"{k}: {list(g.shape)} {g.dtype} vs {list(w.shape)} {w.dtype}")
-        elif not torch.equal(g, w):
-            bad.append(f"{k}: values")
-    if bad:
-        lines.append(f"{len(bad)} differ: {'; '.join(bad[:8])}")
-    return lines
 
 
 def _aliases(model: Any) -> list[set[str]]:
@@ -424,7 +406,7 @@ def test_apply_of_saved_files_equals_from_pretrained(built: Built) -> None:
         pytest.fail(f"{built.cls}: convlens {conv.name} apply fails: {exc}", pytrace=False)
     want = {k: v for k, v in built.loaded.items()
             if k not in _tied_away(built.aliases, set(got))}
-    lines = _diff(got, want)
+    lines = state_dict_diff(got, want)
     if lines:
         pytest.fail(f"{built.cls} ({conv.name}; {built.note or 'saved layout'}): apply(saved) vs "
                     "from_pretrained(saved).state_dict():\n  " + "\n  ".join(lines),
@@ -446,7 +428,7 @@ def test_revert_of_memory_equals_saved_files(built: Built) -> None:
         got = conv.revert(memory, built.config)
     except ConvlensError as exc:
         pytest.fail(f"{built.cls}: convlens {conv.name} revert fails: {exc}", pytrace=False)
-    lines = _diff(got, built.hub)
+    lines = state_dict_diff(got, built.hub)
     if lines:
         pytest.fail(f"{built.cls} ({conv.name}): revert(model.state_dict()) vs the saved "
                     "files:\n  " + "\n  ".join(lines), pytrace=False)

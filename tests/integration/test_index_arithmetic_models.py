@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from bitexact import state_dict_diff  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from convlens.checkpoint import select_rules  # noqa: E402
@@ -102,21 +103,6 @@ def _load_dir(path: Path) -> StateDict:
     return out
 
 
-def _diff(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> list[str]:
-    lines = []
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing:
-        lines.append(f"{len(missing)} missing: {', '.join(missing[:8])}")
-    if extra:
-        lines.append(f"{len(extra)} unexpected: {', '.join(extra[:8])}")
-    bad = [k for k in sorted(set(got) & set(want))
-           if tuple(got[k].shape) != tuple(want[k].shape) or got[k].dtype != want[k].dtype
-           or not torch.equal(got[k], want[k])]
-    if bad:
-        lines.append(f"{len(bad)} differ: {', '.join(bad[:8])}")
-    return lines
-
-
 def _tied_away(model: Any, produced: set[str]) -> set[str]:
     """Keys not written on save because they share a tensor with a key that is."""
     groups: dict[tuple[int, int, tuple[int, ...]], set[str]] = {}
@@ -157,7 +143,8 @@ def _built(cls: str, tmp: Path) -> tuple[Any, StateDict, StateDict, dict[str, An
     problems = {k: sorted(map(str, v))[:4] for k, v in info.items() if v}
     assert not problems, f"transformers does not load the hub layout cleanly: {problems}"
     loaded = _state(loaded_model)
-    assert not _diff(loaded, _state(model)), "the hub layout does not load back to the model"
+    assert not state_dict_diff(loaded, _state(model)), (
+        "the hub layout does not load back to the model")
     out = (model, hub, loaded, json.loads((hub_dir / "config.json").read_text()))
     _BUILT[cls] = out
     return out
@@ -169,7 +156,8 @@ def test_apply_of_hub_files_equals_from_pretrained(cls: str, tmp_path: Path) -> 
     conv, _ = select_rules(config)
     got = conv.apply(hub, config)
     want = {k: v for k, v in loaded.items() if k not in _tied_away(model, set(got))}
-    assert not _diff(got, want), f"{cls} ({conv.name}): apply(hub) vs from_pretrained(hub)"
+    assert not state_dict_diff(got, want), (
+        f"{cls} ({conv.name}): apply(hub) vs from_pretrained(hub)")
 
 
 @pytest.mark.parametrize("cls", sorted(CASES))
@@ -180,7 +168,8 @@ def test_revert_of_memory_equals_hub_files(cls: str, tmp_path: Path) -> None:
     memory = {k: v for k, v in memory.items()
               if k not in _tied_away(model, set(conv.apply(hub, config)))}
     got = conv.revert(memory, config)
-    assert not _diff(got, hub), f"{cls} ({conv.name}): revert(model.state_dict()) vs hub files"
+    assert not state_dict_diff(got, hub), (
+        f"{cls} ({conv.name}): revert(model.state_dict()) vs hub files")
 
 
 def test_the_ernie_hub_layout_holds_text_then_vision_experts(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from bitexact import state_dict_diff  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import convlens  # noqa: E402
@@ -42,39 +43,9 @@ StateDict = dict[str, torch.Tensor]
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _diff(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> list[str]:
-    """Readable differences between two state dicts (empty when equal)."""
-    lines = []
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    if missing:
-        lines.append(f"{len(missing)} key(s) missing: " + ", ".join(missing[:12])
-                     + (" ..." if len(missing) > 12 else ""))
-    if extra:
-        lines.append(f"{len(extra)} unexpected key(s): " + ", ".join(extra[:12])
-                     + (" ..." if len(extra) > 12 else ""))
-    shape, dtype, value = [], [], []
-    for k in sorted(set(got) & set(want)):
-        g, w = got[k], want[k]
-        if tuple(g.shape) != tuple(w.shape):
-            shape.append(f"{k}: {list(g.shape)} vs expected {list(w.shape)}")
-        elif g.dtype != w.dtype:
-            dtype.append(f"{k}: {g.dtype} vs expected {w.dtype}")
-        elif not torch.equal(g, w):
-            value.append(k)
-    if shape:
-        lines.append(f"{len(shape)} shape mismatch(es): " + "; ".join(shape[:12]))
-    if dtype:
-        lines.append(f"{len(dtype)} dtype mismatch(es): " + "; ".join(dtype[:12]))
-    if value:
-        lines.append(f"{len(value)} value mismatch(es): " + ", ".join(value[:12])
-                     + (" ..." if len(value) > 12 else ""))
-    return lines
-
-
 def assert_same(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor],
                 what: str) -> None:
-    lines = _diff(got, want)
+    lines = state_dict_diff(got, want)
     if lines:
         pytest.fail(f"{what}: state dicts differ\n  " + "\n  ".join(lines), pytrace=False)
 
@@ -390,7 +361,7 @@ def test_qwen3_vl_moe_transformers_saves_the_memory_layout_and_convlens_reverts_
 
     conv = convlens.load_rules("qwen3_vl_moe")
     assert_same(conv.revert(memory, model.config), hub, "convlens revert(model.state_dict())")
-    if not _diff(resaved, memory):
+    if not state_dict_diff(resaved, memory):
         key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
         assert resaved[key].shape == memory[key].shape != hub[key].shape
     else:
