@@ -440,6 +440,7 @@ def write_piece(piece: _Piece, plan: P.Plan, ckpt: Checkpoint, report: RunReport
             progress(nbytes)
             at += nbytes
             if durable and at - kicked >= WRITEBACK_EVERY:
+                copier.flush()  # the range's last bytes may still be in the copy buffer
                 _start_writeback(fd, kicked, at - kicked)
                 kicked = at
         copier.flush()
