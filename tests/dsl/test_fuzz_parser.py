@@ -31,7 +31,7 @@ from convlens.compiler.program import compile_conversion
 from convlens.compiler.schemes import compile_scheme
 from convlens.dsl import ast
 from convlens.dsl.formatter import format_conversion, format_scheme
-from convlens.dsl.parser import _lark, parse_document, read_text
+from convlens.dsl.parser import build_lark, parse_document, read_text
 from convlens.errors import ConvlensError, ErrorGroup
 
 BOUND = 2.0  # CPU seconds per input, parse + compile + format (CPU: other processes may run)
@@ -163,7 +163,7 @@ def _grammar_strategy(start: str) -> st.SearchStrategy[str]:
                              "group_size", "quant_algo", "mixtral"])
     ints = st.sampled_from(["0", "1", "2", "3", "16", "128", "9223372036854775807",
                             "9223372036854775808"])
-    return from_lark(_lark(), start=start,
+    return from_lark(build_lark(), start=start,
                      explicit={"STRING": pattern, "NAME": names, "INT": ints})
 
 
