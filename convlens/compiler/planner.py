@@ -105,13 +105,21 @@ def _plan(program: Program, metas: Mapping[str, HasMeta], config: Mapping[str, A
     touched: set[str] = set()
     counts: dict[int, int] = {}
     cfg = config or {}
-    for index, rule in enumerate(rules):
-        if rule.kind == "rename":
-            state = _rename_pass(rule, index, state, touched, counts)
-        elif rule.kind in ("drop", "restore"):
+    index = 0
+    while index < len(rules):
+        rule = rules[index]
+        if rule.kind == "rename":  # a run of consecutive renames is one pass over the keys
+            end = index + 1
+            while end < len(rules) and rules[end].kind == "rename":
+                end += 1
+            state = _rename_run(rules, index, end, state, touched, counts)
+            index = end
+            continue
+        if rule.kind in ("drop", "restore"):
             state = _copy_pass(rule, index, state, touched, counts)
         else:
             state = _tensor_pass(rule, index, state, touched, counts, cfg, policies)
+        index += 1
     # a key passed through if it comes out under its own name as the very Load it went in as
     passthrough = [k for k, load in initial.items() if state.get(k) is load and k not in touched]
     if strict and passthrough:
@@ -153,21 +161,94 @@ def _rekey(rule: Rule, stem: str, tail: str, key: str) -> str:
     return key_for(stem, role, rule.dst.naming)
 
 
+class _Renamer:
+    """One rename rule applied to single keys. The new stem is worked out once per (pattern,
+    stem): a match's captures, and so the guards' verdict and the formatted stem, are the same
+    for every key with that stem (the leftmost, shortest match that ends where the stem ends is
+    found on the stem's text alone), so a key costs one regex match and a dict lookup."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.matcher = KeyMatcher(rule.src.patterns)
+        self.dst = rule.dst.patterns[0]
+        self.same_naming = rule.src.naming == rule.dst.naming
+        self.memo: dict[tuple[int, str], str | None] = {}
+        # one plain pattern (the usual rename): its regex straight, without the matcher
+        pats = rule.src.patterns
+        self.regex = pats[0].regex if len(pats) == 1 and pats[0].regex_only else None
+
+    def __call__(self, key: str) -> str | None:
+        j, end = 0, -1
+        if self.regex is not None:
+            found = self.regex.match(key)
+            if found is None:
+                return None
+            end = found.end()
+        else:
+            hit = self.matcher.stem_end(key)
+            if hit is None:
+                return None
+            j, end = hit
+        stem = key[:end]
+        new = self.memo.get((j, stem), _UNSEEN)
+        if new is _UNSEEN:
+            full = self.matcher.match(key)
+            assert full is not None and full[0] == j and full[1].stem == stem
+            caps = full[1].captures
+            new = self.memo[j, stem] = (self.dst.format(caps) if all(
+                g.allows(caps) for g in self.rule.guards) else None)
+        if new is None:
+            return None
+        tail = key[end:]
+        return new + tail if self.same_naming else _rekey(self.rule, new, tail, key)
+
+
+_UNSEEN: Any = object()
+
+
+def _rename_run(rules: list[Rule], start: int, end: int, state: dict[str, P.Node],
+                touched: set[str], counts: dict[int, int]) -> dict[str, P.Node]:
+    """Rules ``start..end-1`` (all renames) over ``state`` in one pass: each rule renames the
+    names the previous ones left, and the dict is built once at the end, in order with
+    renamed keys in place. Renames map a name to one name, so two keys that meet under one
+    name at some rule still share it at the end: a collision is found there, and the rules
+    are then run one by one to name the one that made it."""
+    names = list(state)
+    nodes = list(state.values())
+    hits: dict[int, list[int]] = {}
+    for index in range(start, end):
+        renamer = _Renamer(rules[index])
+        done = []
+        for i in renamer.matcher.candidate_positions(names):
+            new = renamer(names[i])
+            if new is not None:
+                names[i] = new
+                done.append(i)
+        if done:
+            hits[index] = done
+    if not hits:
+        return state
+    out = dict(zip(names, nodes, strict=True))
+    if len(out) != len(nodes):
+        for index in range(start, end):
+            state = _rename_pass(rules[index], index, state, touched, counts)
+        raise AssertionError("a collision of a rename run was not found rule by rule")
+    for index, done in hits.items():
+        counts[index] = counts.get(index, 0) + len(done)
+        for i in done:
+            _mark(touched, nodes[i])
+    return out
+
+
 def _rename_pass(rule: Rule, index: int, state: dict[str, P.Node], touched: set[str],
                  counts: dict[int, int]) -> dict[str, P.Node]:
-    dst = rule.dst.patterns[0]
-    matcher = KeyMatcher(rule.src.patterns)
-    guards = rule.guards
+    """One rename rule over ``state`` (the one-by-one path that names a collision's rule)."""
+    renamer = _Renamer(rule)
     renamed: dict[str, str] = {}
-    # most keys lack the rule's literal text: one substring test each, then the matcher
-    for key in matcher.candidates(state):
-        hit = matcher.match(key)
-        if hit is None:
-            continue
-        m = hit[1]
-        if guards and not all(g.allows(m.captures) for g in guards):
-            continue
-        renamed[key] = _rekey(rule, dst.format(m.captures), m.tail, key)
+    for key in renamer.matcher.candidates(state):
+        new = renamer(key)
+        if new is not None:
+            renamed[key] = new
     if not renamed:
         return dict(state)
     get = renamed.get

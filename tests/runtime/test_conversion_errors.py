@@ -195,6 +195,18 @@ def test_two_renames_onto_one_key_name_both_sources() -> None:
             "m.b.weight") in str(err)
 
 
+def test_a_collision_inside_a_run_of_renames_names_its_rule() -> None:
+    """Consecutive renames run as one pass; the rule that made two keys meet is still the one
+    named, although a later rename moves both on."""
+    conv = conversion('rename "{p*}.x" -> "{p*}.y"\nrename "{p*}.a" -> "{p*}.c"\n'
+                      'rename "{p*}.c" -> "{p*}.d"\nrename "{p*}.b" -> "{p*}.e"')
+    ok = {"m.x.w": torch.zeros(2), "m.a.weight": torch.zeros(2), "m.b.weight": torch.zeros(2)}
+    assert list(conv.apply(ok)) == ["m.y.w", "m.d.weight", "m.e.weight"]
+    err = raised(conv, {"m.a.weight": torch.zeros(2), "m.c.weight": torch.zeros(2)})
+    assert "two tensors would be written to 'm.c.weight'" in str(err)
+    assert err.rule is not None and err.rule.endswith(":3 rename")
+
+
 def test_split_output_onto_an_existing_key() -> None:
     conv = conversion('split "{p*}.x" -> "{p*}.a", "{p*}.b" by split(0)')
     err = raised(conv, {"m.x.weight": torch.zeros(4, 2), "m.a.weight": torch.zeros(2, 2)})
