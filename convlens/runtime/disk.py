@@ -488,23 +488,31 @@ def available_memory() -> int | None:
     return None
 
 
+def _nothing(*args: Any) -> None:
+    pass
+
+
 def write_checkpoint(plan: P.Plan, ckpt: Checkpoint, folder: Path, shards: list[ShardPlan],
                      metadata: Mapping[str, str], *, workers: int = 1,
                      report: RunReport | None = None, quiet: bool = True,
                      durable: bool = False) -> WriteStats:
     """Write every output shard of ``plan`` into ``folder`` (which must exist). ``durable``:
     each shard is on disk (fsync) before this returns, not only in the page cache."""
-    from tqdm import tqdm
-
     stats = WriteStats(shards=[s.name for s in shards])
     total = sum(s.nbytes(plan) for s in shards)
-    bar: Any = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                    disable=quiet, desc="writing", dynamic_ncols=True)
     lock = threading.Lock()
+    close: Callable[[], None] = _nothing
+    progress: Callable[[int], None] = _nothing
+    if not quiet:  # only a shown bar imports tqdm (~20 ms)
+        from tqdm import tqdm
 
-    def progress(n: int) -> None:
-        with lock:
-            bar.update(n)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
+                   dynamic_ncols=True)
+        close = bar.close
+
+        def progress(n: int) -> None:
+            with lock:
+                bar.update(n)
 
     start = time.perf_counter()
     try:
@@ -529,7 +537,7 @@ def write_checkpoint(plan: P.Plan, ckpt: Checkpoint, folder: Path, shards: list[
                 finally:
                     os.close(fd)
     finally:
-        bar.close()
+        close()
     stats.seconds = time.perf_counter() - start
     return stats
 
