@@ -1346,8 +1346,8 @@ def render(R: Results, command: str, args: argparse.Namespace, elapsed: float,
             out.append("")
 
     out += ["convlens internals (last timed run): before write = headers, planning, name "
-            "check, shard planning; write = byte-range copies (`os.copy_file_range`) and torch "
-            "groups (no fsync unless `--fsync`).", "",
+            "check, shard planning; write = byte-range copies (`pread` into a buffer, `pwrite`) "
+            "and torch groups (no fsync unless `--fsync`).", "",
             "| workload | tensors in -> out | headers s | plan s | before write s | write s | "
             "copied / computed | output shards |", "|---|---|---:|---:|---:|---:|---|---:|"]
     for w in ("1", "2", "2r", "3"):
