@@ -755,24 +755,28 @@ class KeyMatcher:
                 return j, end
         return None
 
-    def _slow(self, key: str) -> tuple[int, Match] | None:
-        for j, pat in enumerate(self.patterns):
-            m = pat.match(key)
+    def _slow(self, key: str, first: int = 0) -> tuple[int, Match] | None:
+        """The first pattern from ``first`` on that matches (those before it cannot)."""
+        patterns = self.patterns
+        for j in range(first, len(patterns)):
+            m = patterns[j].match(key)
             if m is not None:
                 return j, m
         return None
 
     def match(self, key: str) -> tuple[int, Match] | None:
+        first = 0
         for literals in self.literals:
             for text in literals:
                 if text not in key:
                     break
             else:
                 break  # this pattern may match
+            first += 1
         else:
             return None  # every pattern lacks one of its literals in ``key``
         if not self.cacheable or "#" in key:
-            return self._slow(key)
+            return self._slow(key, first)
         fingerprint = key.encode().translate(_HASH_DIGITS)
         entry = self.quick.get(fingerprint)
         if entry is None:

@@ -350,8 +350,30 @@ class Plan:
     rule_counts: dict[int, int] = field(default_factory=dict)  # rule index -> outputs it made
     passthrough: list[str] = field(default_factory=list)  # input keys that no rule touched
 
+    _kinds: frozenset[type] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def kinds(self) -> frozenset[type]:
+        """The node classes the plan holds (one walk, kept): lets a question about a few
+        classes (lossy steps, torch-only nodes) skip a walk over every output when none of
+        them occurs."""
+        if self._kinds is None:
+            seen: set[int] = set()
+            found: set[type] = set()
+            stack = list(self.outputs.values())
+            while stack:
+                n = stack.pop()
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                found.add(n.__class__)
+                stack.extend(children(n))
+            self._kinds = frozenset(found)
+        return self._kinds
+
     def lossy(self) -> list[str]:
         """Where the plan may lose precision (a lossy policy was applied): one line each."""
+        if not any(issubclass(k, LOSSY_NODES) for k in self.kinds()):
+            return []
         seen: set[int] = set()
         out = []
         for key, node in self.outputs.items():

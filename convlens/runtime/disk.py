@@ -450,13 +450,17 @@ def write_piece(piece: _Piece, plan: P.Plan, ckpt: Checkpoint, report: RunReport
         reader.close()
 
 
+# Nodes whose value depends on data (checks, lossy steps), or that move more than byte ranges
+TORCH_NODES = (P.Same, P.Verify, P.Reduce, P.Rescale, P.Const, P.Unpack, P.Pack, P.Take,
+               P.Permute, P.Shift)
+
+
 def _needs_torch(node: P.Node) -> bool:
     """Nodes whose value depends on data (checks, lossy steps) always go through torch."""
     stack = [node]
     while stack:
         n = stack.pop()
-        if isinstance(n, (P.Same, P.Verify, P.Reduce, P.Rescale, P.Const, P.Unpack, P.Pack,
-                          P.Take, P.Permute, P.Shift)):
+        if isinstance(n, TORCH_NODES):
             return True
         stack.extend(P.children(n))
     return False
@@ -466,6 +470,8 @@ def largest_computed(plan: P.Plan) -> tuple[int, str]:
     """The memory the largest torch-evaluated output needs (its inputs, once each, plus twice
     its own size for intermediates and the result) and its key; byte-range outputs need none."""
     best, where = 0, ""
+    if not any(issubclass(k, TORCH_NODES) for k in plan.kinds()):
+        return best, where  # every output is byte ranges
     for key, node in plan.outputs.items():
         if not _needs_torch(node):
             continue
