@@ -719,9 +719,10 @@ class KeyMatcher:
         self.literals = tuple(_literals(p) for p in patterns)
 
     def candidates(self, keys: Iterable[str]) -> list[str]:
-        """The keys, in order, that hold the literals of some pattern (up to three of them, the
-        longest): a superset of the keys :meth:`match` can accept (it needs every literal of a
-        pattern), found with substring tests in one comprehension instead of a call per key."""
+        """The keys, in order, that may match: those holding the three longest literals of a
+        single pattern, or the longest literal of one of several. A superset of the keys
+        :meth:`match` can accept (it needs every literal of a pattern), found with substring
+        tests in one comprehension instead of a call per key."""
         keys = list(keys)
         return [keys[i] for i in self.candidate_positions(keys)]
 

@@ -115,8 +115,8 @@ def _code_digest() -> str:
     import lark
 
     here = Path(__file__).parent
-    sources = [here.parent / "grammars" / "conv.lark"] + [
-        here / name for name in ("parser.py", "ast.py", "patterns.py")]
+    sources = [here.parent / "grammars" / "conv.lark", here.parent / "errors.py"] + [
+        here / name for name in ("parser.py", "ast.py", "patterns.py")]  # all the AST is made of
     return cache.digest(*(p.read_bytes() for p in sources), lark.__version__,
                         repr(sorted(_LARK_OPTIONS.items())), sys.version)
 
