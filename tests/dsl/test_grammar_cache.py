@@ -120,3 +120,24 @@ def test_old_files_are_pruned(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> N
         parser.parse(TEXT.replace("a.", f"a{n}."), "x.conv")
     left = list((fresh / "ast").iterdir())
     assert 2 <= len(left) <= 4
+
+
+def test_concurrent_writers_leave_one_whole_file(fresh: Path) -> None:
+    """Threads (and processes) write their own temporary files; the rename is atomic."""
+    import threading
+
+    texts = [TEXT.replace("a.", f"t{n}.") for n in range(4)]
+
+    def parse_all() -> None:
+        for text in texts:
+            parser.parse(text, "x.conv")
+
+    threads = [threading.Thread(target=parse_all) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    files = sorted((fresh / "ast").iterdir())
+    assert len(files) == len(texts) and not list(fresh.rglob("*.tmp"))
+    for text in texts:  # each kept AST reads back as what a fresh parse gives
+        assert parser.parse(text, "x.conv") == parser._parse_document(text, "x.conv")
