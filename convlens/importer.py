@@ -1575,6 +1575,7 @@ def _compare_examples(units: list[_Unit], program: Any, oracle: _Transformers,
                       owner: dict[int, tuple[int, int]], by_index: dict[int, _Unit]) -> bool:
     """Leave out the first unit that makes an example key go elsewhere than transformers sends
     it, or not come back; True if one was left out."""
+    from convlens.compiler.program import given_config
     from convlens.compiler.trace import trace_key
 
     inverse = program.inverse()
@@ -1583,7 +1584,7 @@ def _compare_examples(units: list[_Unit], program: Any, oracle: _Transformers,
         want, tf_fired = _oracle_rename(oracle, u, key)
         if tf_fired - live:
             continue  # an untranslated transform renames it in transformers
-        config = _config_of(u.given)
+        config = given_config(u.given)
         fwd = trace_key(program, key, config)
         fired = _fired_units(fwd, owner)
         if fwd.note or not fwd.reaches(want):
@@ -1640,19 +1641,6 @@ def _oracle_rename(oracle: _Transformers, u: _Unit, key: str) -> tuple[str, froz
         first, mine = u.retarget[key]
         want = want.replace(first, mine, 1)
     return want, fired
-
-
-def _config_of(given: _Given) -> dict[str, Any] | None:
-    """``with config.a.b = 2`` as a config dict."""
-    if not given:
-        return None
-    config: dict[str, Any] = {}
-    for path, value in given:
-        node = config
-        for part in path[1:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return config
 
 
 def _live_examples(units: list[_Unit]) -> Iterator[tuple[_Unit, str]]:

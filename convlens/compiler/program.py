@@ -225,7 +225,7 @@ def compile_conversion(conv: ast.Conversion, load_include: Loader | None = None)
     for st in statements:
         if isinstance(st, ast.Expect):
             if st.span.path == conv.path or st.span.path == "<none>":
-                expects.append(Expectation(st.src, st.dst, st.span, _given(st.given)))
+                expects.append(Expectation(st.src, st.dst, st.span, given_config(st.given)))
             continue
         try:
             rule = _compile_rule(st, errors)
@@ -243,8 +243,9 @@ def compile_conversion(conv: ast.Conversion, load_include: Loader | None = None)
                    tuple(expects))
 
 
-def _given(settings: tuple[tuple[tuple[str, ...], int], ...]) -> dict[str, Any] | None:
-    """``with config.text_config.n = 4`` as the config dict it stands for."""
+def given_config(settings: tuple[tuple[tuple[str, ...], int], ...]) -> dict[str, Any] | None:
+    """``with config.text_config.n = 4`` (an expect's settings) as the config dict it stands
+    for; the importer builds its expects' configs with it too."""
     if not settings:
         return None
     config: dict[str, Any] = {}
